@@ -1,0 +1,77 @@
+"""Helpers shared by the entry points: the task wrapper, metric lookup, result tables."""
+
+from __future__ import annotations
+
+import functools
+import sys
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from omegaconf import DictConfig
+
+from src.utils.pylogger import RankedLogger
+
+log = RankedLogger(__name__)
+
+RESULT_KEYS = ("rank1", "rank5", "rank10", "mAP", "mINP")
+
+
+def close_loggers() -> None:
+    """Finish every experiment tracker left open, so multirun jobs never leak into each other."""
+    if "wandb" in sys.modules:
+        import wandb
+
+        if wandb.run is not None:
+            log.info("Closing the wandb run")
+            wandb.finish()
+
+
+def task_wrapper(task_func: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
+    """Run a task and always close the loggers, also when it raises.
+
+    The exception is re-raised (a multirun then reports the failed job and, depending on the
+    launcher, carries on with the next); its message is logged with the run directory first.
+    """
+
+    @functools.wraps(task_func)
+    def wrapped(cfg: DictConfig) -> Any:
+        try:
+            return task_func(cfg)
+        except Exception:
+            out = cfg.get("paths", {}).get("output_dir", "?")
+            log.exception(f"Task failed; run directory: {out}")
+            raise
+        finally:
+            close_loggers()
+
+    return wrapped
+
+
+def extras(cfg: DictConfig) -> None:
+    """Optional niceties before a task starts: silence known-noisy warnings, print the config."""
+    extra = cfg.get("extras")
+    if not extra:
+        return
+    if extra.get("ignore_warnings"):
+        warnings.filterwarnings("ignore")
+    if extra.get("print_config"):
+        from src.utils.rich_utils import print_config_tree
+
+        print_config_tree(cfg, save_to_file=True)
+
+
+def get_metric_value(metric_dict: Mapping[str, Any], metric_name: str | None) -> float | None:
+    """Value of `metric_name` (e.g. `val/mAP_best`) for hyper-parameter sweepers.
+
+    Raises a KeyError naming the available metrics when the name is not logged.
+    """
+    if not metric_name:
+        return None
+    if metric_name not in metric_dict:
+        raise KeyError(
+            f"optimized_metric={metric_name!r} was not logged. Logged metrics: "
+            f"{sorted(metric_dict)}"
+        )
+    value = metric_dict[metric_name]
+    return float(value.item() if hasattr(value, "item") else value)
