@@ -1,0 +1,340 @@
+"""`ReIDDataModule`: one DataModule for supervised training and domain adaptation.
+
+The DataModule shards every loader itself (the trainer must use ``use_distributed_sampler=False``):
+Lightning would otherwise wrap the P×K sampler in a DistributedSamplerWrapper and break the
+batches. World size and rank are read when a loader is built (from the attached trainer, else from
+an initialised torch.distributed, else 1 and 0), so ``setup()`` may run before the trainer exists.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import CombinedLoader
+from torch.utils.data import DataLoader, Sampler
+
+from src.data.datasets import ReIDDataset, build_dataset
+from src.data.image_dataset import ImageDataset
+from src.data.samplers import DistributedPKSampler, ShardedSampler
+from src.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transforms, cached_mean_std
+
+Stats = Sequence[float] | Literal["auto", "imagenet"] | None
+
+
+class ReIDDataModule(LightningDataModule):
+    """Source (and optional target) re-ID data for training and evaluation.
+
+    Supervised (``target=None``): ``train_dataloader()`` is a P×K loader over the source train
+    split (:class:`DistributedPKSampler`, ``drop_last``). Domain adaptation: a
+    ``CombinedLoader({"source": ..., "target": ...}, mode="max_size_cycle")``; the source loader is
+    P×K (``source_sampler="pk"``) or shuffled (``"random"``), the target loader is shuffled over the
+    target train split and cycles; one epoch is one pass over the source (a longer target stream is
+    cut to the source length: each pass draws a fresh random subset). Every sample carries
+    ``img`` (3, H, W), ``pid``, ``camid``, ``index`` (position in its split: the MAR memory row).
+
+    ``val_dataloader()``/``test_dataloader()``: query then gallery of the evaluation domain (target
+    if present, else source), test transform, with ``is_query``; ``index`` is unique over query +
+    gallery (query i -> i, gallery j -> num_query + j). Under DDP these loaders pad each rank's
+    shard with duplicates (DistributedSampler-style): de-duplicate by ``index``.
+
+    Args:
+        source: dataset spec ``{"name": ..., "root": ..., **kwargs}`` for :func:`build_dataset`.
+        target: optional target dataset spec (domain adaptation).
+        height, width: input size.
+        batch_size: source batch per process (P*K for the P×K sampler).
+        num_instances: K.
+        source_sampler: "pk" or "random" (source loader in domain adaptation; supervised is
+            always P×K).
+        target_batch_size: target batch per process (default: batch_size).
+        test_batch_size: evaluation batch per process.
+        num_workers: loader workers per loader.
+        pin_memory: pin host memory (default: when CUDA is available).
+        persistent_workers: keep workers between epochs/cycles (default: num_workers > 0).
+        mean, std: normalisation: 3 floats, "imagenet" (default) or "auto" (computed per domain
+            from its train split at (height, width), cached in the dataset root).
+        flip_p, pad, random_erasing_p, erasing_value, interpolation: see :func:`build_transforms`.
+        seed: base seed of all samplers (identical on every rank; None -> 0).
+    """
+
+    def __init__(
+        self,
+        source: Mapping[str, Any],
+        target: Mapping[str, Any] | None = None,
+        height: int = 256,
+        width: int = 128,
+        batch_size: int = 64,
+        num_instances: int = 4,
+        source_sampler: Literal["pk", "random"] = "pk",
+        target_batch_size: int | None = None,
+        test_batch_size: int = 128,
+        num_workers: int = 4,
+        pin_memory: bool | None = None,
+        persistent_workers: bool | None = None,
+        mean: Stats = "imagenet",
+        std: Stats = "imagenet",
+        flip_p: float = 0.5,
+        pad: int = 10,
+        random_erasing_p: float = 0.5,
+        erasing_value: str = "mean",
+        interpolation: str = "bilinear",
+        seed: int | None = 0,
+    ) -> None:
+        super().__init__()
+        for name, spec in (("source", source), ("target", target)):
+            if spec is not None and ("name" not in spec or "root" not in spec):
+                raise ValueError(f"data.{name} needs 'name' and 'root' keys, got {dict(spec)}")
+        if source_sampler not in ("pk", "random"):
+            raise ValueError(f"source_sampler must be 'pk' or 'random', got {source_sampler!r}")
+        uses_pk = target is None or source_sampler == "pk"
+        if uses_pk and (num_instances < 1 or batch_size % num_instances):
+            raise ValueError(
+                f"batch_size ({batch_size}) must be a multiple of num_instances ({num_instances}) "
+                "for P×K batches"
+            )
+        if (mean == "auto") != (std == "auto"):
+            raise ValueError("mean and std must both be 'auto' or both be given")
+        self.source_spec = dict(source)
+        self.target_spec = dict(target) if target is not None else None
+        self.height, self.width = height, width
+        self.batch_size = batch_size
+        self.num_instances = num_instances
+        self.source_sampler = source_sampler
+        self.target_batch_size = target_batch_size or batch_size
+        self.test_batch_size = test_batch_size
+        self.num_workers = num_workers
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.persistent_workers = (
+            num_workers > 0
+            if persistent_workers is None
+            else persistent_workers and num_workers > 0
+        )
+        self.mean, self.std = mean, std
+        self.augment = {
+            "flip_p": flip_p,
+            "pad": pad,
+            "random_erasing_p": random_erasing_p,
+            "erasing_value": erasing_value,
+            "interpolation": interpolation,
+        }
+        self.seed = 0 if seed is None else int(seed)  # a run with seed=null still needs one
+        self.source_data: ReIDDataset | None = None
+        self.target_data: ReIDDataset | None = None
+        # Normalisation per domain ("source"/"target"): resolved in setup, checkpointed.
+        self.stats: dict[str, tuple[list[float], list[float]]] = {}
+        self._samplers: dict[str, Sampler] = {}
+        self._sampler_states: dict[str, dict[str, Any]] = {}
+
+    # ----------------------------------------------------------------------------- setup
+    def prepare_data(self) -> None:
+        """Parse (and, for synthetic data, generate) the datasets once per node, and fill the
+        mean/std cache when normalisation is "auto"."""
+        for spec in (self.source_spec, self.target_spec):
+            if spec is not None:
+                data = build_dataset(**spec)
+                if self.mean == "auto":
+                    cached_mean_std(data.train, self.height, self.width, cache_dir=data.root)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Parse the datasets and resolve the normalisation statistics (idempotent)."""
+        if self.source_data is None:
+            self.source_data = build_dataset(**self.source_spec)
+        if self.target_spec is not None and self.target_data is None:
+            self.target_data = build_dataset(**self.target_spec)
+        for domain, data in (("source", self.source_data), ("target", self.target_data)):
+            if data is not None and domain not in self.stats:
+                self.stats[domain] = self._resolve_stats(data)
+
+    def _resolve_stats(self, data: ReIDDataset) -> tuple[list[float], list[float]]:
+        if self.mean == "auto":
+            return cached_mean_std(data.train, self.height, self.width, cache_dir=data.root)
+        mean = IMAGENET_MEAN if self.mean in (None, "imagenet") else self.mean
+        std = IMAGENET_STD if self.std in (None, "imagenet") else self.std
+        return [float(m) for m in mean], [float(s) for s in std]  # type: ignore[union-attr]
+
+    def _require_setup(self) -> None:
+        if self.source_data is None:
+            raise RuntimeError("ReIDDataModule: call setup() before using the data")
+
+    # ------------------------------------------------------------------------ attributes
+    @property
+    def eval_data(self) -> ReIDDataset:
+        """The evaluation domain: the target when there is one, else the source."""
+        self._require_setup()
+        return self.target_data if self.target_data is not None else self.source_data  # type: ignore[return-value]
+
+    @property
+    def num_classes(self) -> int:
+        """Number of source training identities (classifier size)."""
+        self._require_setup()
+        return self.source_data.num_train_pids  # type: ignore[union-attr]
+
+    @property
+    def num_target_train(self) -> int | None:
+        """Number of target training images (MAR memory rows), None without a target."""
+        self._require_setup()
+        return None if self.target_data is None else len(self.target_data.train)
+
+    @property
+    def num_target_cameras(self) -> int | None:
+        """Number of target cameras (camids are 0..num_target_cameras-1), None without a target."""
+        self._require_setup()
+        return None if self.target_data is None else self.target_data.num_cams
+
+    def _world(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            return trainer.world_size, trainer.global_rank
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_world_size(), dist.get_rank()
+        return 1, 0
+
+    def _transform(self, domain: str, train: bool) -> Any:
+        mean, std = self.stats[domain]
+        if not train:
+            return build_transforms(self.height, self.width, False, mean, std)
+        return build_transforms(self.height, self.width, True, mean, std, **self.augment)
+
+    def _loader(
+        self, dataset: ImageDataset, batch_size: int, sampler: Sampler, name: str, drop_last: bool
+    ) -> DataLoader:
+        if name in self._sampler_states and hasattr(sampler, "load_state_dict"):
+            sampler.load_state_dict(self._sampler_states.pop(name))
+        self._samplers[name] = sampler
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            drop_last=drop_last,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers,
+        )
+
+    # ----------------------------------------------------------------------- dataloaders
+    def _source_loader(self) -> DataLoader:
+        self._require_setup()
+        world, rank = self._world()
+        records = self.source_data.train  # type: ignore[union-attr]
+        dataset = ImageDataset(records, self._transform("source", train=True))
+        sampler: Sampler
+        if self.target_data is None or self.source_sampler == "pk":
+            sampler = DistributedPKSampler(
+                dataset.pids, self.num_instances, self.batch_size, world, rank, self.seed
+            )
+        else:
+            sampler = ShardedSampler(len(dataset), world, rank, shuffle=True, seed=self.seed)
+        loader = self._loader(dataset, self.batch_size, sampler, "source", drop_last=True)
+        if len(loader) == 0:
+            raise ValueError(
+                f"source train split ({len(records)} images) gives no full batch of "
+                f"{self.batch_size} per rank on {world} rank(s)"
+            )
+        return loader
+
+    def train_dataloader(self) -> DataLoader | CombinedLoader:
+        """Supervised: the source P×K loader. Domain adaptation: a max_size_cycle
+        CombinedLoader of ``{"source": ..., "target": ...}`` whose length is the source's."""
+        source = self._source_loader()
+        if self.target_data is None:
+            return source
+        world, rank = self._world()
+        dataset = ImageDataset(self.target_data.train, self._transform("target", train=True))
+        # Cap the target at the source length so that an epoch is one pass over the source.
+        sampler = ShardedSampler(
+            len(dataset),
+            world,
+            rank,
+            shuffle=True,
+            seed=self.seed + 1,
+            max_samples=len(source) * self.target_batch_size,
+        )
+        target = self._loader(dataset, self.target_batch_size, sampler, "target", drop_last=True)
+        if len(target) == 0:
+            raise ValueError(
+                f"target train split ({len(dataset)} images) gives no full batch of "
+                f"{self.target_batch_size} per rank on {world} rank(s)"
+            )
+        return CombinedLoader({"source": source, "target": target}, mode="max_size_cycle")
+
+    def _eval_loader(self) -> DataLoader:
+        self._require_setup()
+        world, rank = self._world()
+        data = self.eval_data
+        domain = "target" if self.target_data is not None else "source"
+        dataset = ImageDataset.query_gallery(
+            data.query, data.gallery, self._transform(domain, train=False)
+        )
+        sampler = ShardedSampler(len(dataset), world, rank, shuffle=False, seed=self.seed)
+        return DataLoader(
+            dataset,
+            batch_size=self.test_batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        """Query + gallery of the evaluation domain (``is_query`` per sample), sharded."""
+        return self._eval_loader()
+
+    def test_dataloader(self) -> DataLoader:
+        """Same as :meth:`val_dataloader`."""
+        return self._eval_loader()
+
+    def target_init_dataloader(
+        self, augment: bool = True, batch_size: int | None = None
+    ) -> DataLoader:
+        """Target train split, shuffled, every sample once (no drop_last), sharded over ranks.
+
+        Used by MAR's initialisation (soft multilabels of all target images). Under DDP the
+        shards are padded with duplicates to equal length: de-duplicate by ``index``.
+
+        Args:
+            augment: use the training transform (as the original MAR code) or the test one.
+            batch_size: per-process batch (default: target_batch_size).
+        """
+        self._require_setup()
+        if self.target_data is None:
+            raise RuntimeError("target_init_dataloader needs a target dataset")
+        world, rank = self._world()
+        dataset = ImageDataset(self.target_data.train, self._transform("target", train=augment))
+        sampler = ShardedSampler(len(dataset), world, rank, shuffle=True, seed=self.seed + 2)
+        return DataLoader(
+            dataset,
+            batch_size=batch_size or self.target_batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+        )
+
+    # ------------------------------------------------------------------------ checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        """Normalisation statistics and sampler states (epoch, iteration counter)."""
+        samplers = {
+            name: s.state_dict() for name, s in self._samplers.items() if hasattr(s, "state_dict")
+        }
+        return {
+            "stats": {k: [list(m), list(s)] for k, (m, s) in self.stats.items()},
+            "samplers": samplers,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (called by Lightning after ``setup``, before the loaders)."""
+        for domain, (mean, std) in state_dict.get("stats", {}).items():
+            self.stats[domain] = (list(mean), list(std))
+        self._sampler_states = dict(state_dict.get("samplers", {}))
+        for name, state in list(self._sampler_states.items()):
+            if name in self._samplers:
+                self._samplers[name].load_state_dict(state)  # type: ignore[attr-defined]
+                del self._sampler_states[name]
+
+    def __repr__(self) -> str:
+        target = None if self.target_spec is None else self.target_spec.get("name")
+        return (
+            f"ReIDDataModule(source={self.source_spec.get('name')}, target={target}, "
+            f"size={self.height}x{self.width}, batch={self.batch_size}/K={self.num_instances})"
+        )

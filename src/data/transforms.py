@@ -1,0 +1,149 @@
+"""Re-ID image transforms (torchvision v2) and per-dataset normalisation statistics."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import v2 as T
+
+from src.data.image_dataset import ImageDataset
+from src.data.records import ReIDRecord
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_INTERPOLATIONS = {
+    "nearest": InterpolationMode.NEAREST,
+    "bilinear": InterpolationMode.BILINEAR,
+    "bicubic": InterpolationMode.BICUBIC,
+}
+
+
+def build_transforms(
+    height: int,
+    width: int,
+    train: bool,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    flip_p: float = 0.5,
+    pad: int = 10,
+    random_erasing_p: float = 0.5,
+    erasing_scale: tuple[float, float] = (0.02, 0.4),
+    erasing_ratio: tuple[float, float] = (0.3, 3.33),
+    erasing_value: str = "mean",
+    interpolation: str = "bilinear",
+) -> T.Compose:
+    """PIL image -> FloatTensor (3, height, width), normalised.
+
+    Train: resize, random horizontal flip (`flip_p`), zero-pad by `pad` pixels and random crop back
+    to (height, width), to float in [0, 1], normalise, random erasing (Zhong et al., AAAI 2020;
+    probability `random_erasing_p`, area fraction `erasing_scale`, aspect `erasing_ratio`). Test:
+    resize, to float, normalise. Probabilities of 0 (or pad 0) remove the step.
+
+    Args:
+        erasing_value: "mean" fills the erased box with the normalisation mean (0 after
+            normalising, as in the usual re-ID baselines); "random" fills it with N(0, 1) noise.
+        interpolation: resize filter, "bilinear", "bicubic" or "nearest".
+    """
+    if interpolation not in _INTERPOLATIONS:
+        raise ValueError(f"interpolation must be one of {sorted(_INTERPOLATIONS)}")
+    if erasing_value not in ("mean", "random"):
+        raise ValueError(f"erasing_value must be 'mean' or 'random', got {erasing_value!r}")
+    if len(mean) != 3 or len(std) != 3:
+        raise ValueError(f"mean and std need 3 values (RGB), got {list(mean)} and {list(std)}")
+    steps: list[Any] = [
+        T.ToImage(),
+        T.Resize((height, width), interpolation=_INTERPOLATIONS[interpolation], antialias=True),
+    ]
+    if train:
+        if flip_p > 0:
+            steps.append(T.RandomHorizontalFlip(flip_p))
+        if pad > 0:
+            steps += [T.Pad(pad, fill=0), T.RandomCrop((height, width))]
+    steps += [
+        T.ToDtype(torch.float32, scale=True),
+        T.Normalize(mean=list(map(float, mean)), std=list(map(float, std))),
+    ]
+    if train and random_erasing_p > 0:
+        value: Any = 0.0 if erasing_value == "mean" else "random"
+        steps.append(
+            T.RandomErasing(random_erasing_p, scale=erasing_scale, ratio=erasing_ratio, value=value)
+        )
+    return T.Compose(steps)
+
+
+def compute_mean_std(
+    records: Sequence[ReIDRecord],
+    height: int,
+    width: int,
+    batch_size: int = 64,
+    num_workers: int = 0,
+) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of the pixels of `records`, resized to (height, width), in [0, 1].
+
+    Exact over all pixels (float64 sums of x and x²), the statistics that `Normalize` should use.
+    """
+    if not records:
+        raise ValueError("compute_mean_std needs at least one record")
+    dataset = ImageDataset(records, build_transforms(height, width, False, (0, 0, 0), (1, 1, 1)))
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+    total = torch.zeros(3, dtype=torch.float64)
+    total_sq = torch.zeros(3, dtype=torch.float64)
+    for batch in loader:
+        x = batch["img"].double()  # (B, 3, H, W)
+        total += x.sum(dim=(0, 2, 3))
+        total_sq += x.square().sum(dim=(0, 2, 3))
+    n = len(records) * height * width
+    mean = total / n
+    std = (total_sq / n - mean.square()).clamp(min=0).sqrt()
+    return mean.tolist(), std.tolist()
+
+
+def cached_mean_std(
+    records: Sequence[ReIDRecord],
+    height: int,
+    width: int,
+    cache_dir: str,
+    num_workers: int = 0,
+) -> tuple[list[float], list[float]]:
+    """:func:`compute_mean_std`, cached in ``cache_dir/.marlin_mean_std.json``.
+
+    The key hashes the image paths, sizes and modification times and the resolution, so a changed
+    dataset is recomputed. An unwritable `cache_dir` only logs a warning. The file is replaced
+    atomically, so concurrent ranks do not corrupt it.
+    """
+    digest = hashlib.sha1(f"{height}x{width}".encode())
+    for r in records:
+        st = os.stat(r.img_path)
+        digest.update(f"{r.img_path}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    key = digest.hexdigest()
+    path = os.path.join(cache_dir, ".marlin_mean_std.json")
+    cache: dict[str, Any] = {}
+    if os.path.isfile(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                cache = json.load(f)
+        except (OSError, ValueError):
+            cache = {}
+    if key in cache:
+        return cache[key]["mean"], cache[key]["std"]
+    mean, std = compute_mean_std(records, height, width, num_workers=num_workers)
+    cache[key] = {"mean": mean, "std": std, "images": len(records), "size": [height, width]}
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(cache, f, indent=1)
+        os.replace(tmp, path)
+    except OSError as e:
+        log.warning(f"could not cache mean/std in {path}: {e}")
+    return mean, std
