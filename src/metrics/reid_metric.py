@@ -1,0 +1,271 @@
+"""`ReIDMetric`: the Market-1501 evaluation as a torchmetrics Metric (DDP-safe)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
+
+from src.metrics.functional import (
+    _AP_VARIANTS,
+    _METRICS,
+    _as_labels,
+    _check_choice,
+    _check_positive_int,
+    _topk_features,
+    compute_distance_matrix,
+    evaluate_features,
+    evaluate_rank,
+    re_ranking,
+    topk_gallery,
+)
+
+__all__ = ["RankList", "ReIDMetric"]
+
+
+class RankList(NamedTuple):
+    """Top-k gallery lists of the last evaluation (see :meth:`ReIDMetric.topk_gallery`).
+
+    query_index (Q,): dataset ``index`` of each query, ascending.
+    gallery_index (Q, k): dataset ``index`` of the gallery items in rank order (-1 = none).
+    matches (Q, k) bool: the gallery item has the query's identity.
+    distances (Q, k): their distances to the query (re-ranked ones when ``rerank=True``).
+    """
+
+    query_index: Tensor
+    gallery_index: Tensor
+    matches: Tensor
+    distances: Tensor
+
+
+@dataclass
+class _Split:
+    """De-duplicated query/gallery data of the last compute(), sorted by dataset index."""
+
+    qf: Tensor
+    gf: Tensor
+    q_pids: Tensor
+    g_pids: Tensor
+    q_camids: Tensor
+    g_camids: Tensor
+    q_index: Tensor
+    g_index: Tensor
+    distmat: np.ndarray | None = None  # re-ranked distances, when rerank=True
+
+    @property
+    def labels(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return self.q_pids, self.g_pids, self.q_camids, self.g_camids
+
+
+class ReIDMetric(Metric):
+    """Market-1501 protocol over features collected batch by batch (query and gallery mixed).
+
+    ``update(features, pids, camids, is_query, index)`` stores a batch; ``compute()`` gathers
+    all ranks' batches (list states with ``dist_reduce_fx="cat"``), drops the repeats that
+    ``DistributedSampler`` padding adds (the first occurrence of each ``(is_query, index)`` is
+    kept; query and gallery indices may overlap since they index different lists), splits query
+    and gallery, sorts each by ``index`` (so the result does not depend on how samples were
+    sharded, ties included) and evaluates with :func:`~src.metrics.functional.evaluate_features`
+    (chunked, on the features' device) or, with ``rerank=True``, k-reciprocal re-ranking.
+
+    Every rank computes the same result. It returns a dict of Python floats
+    ``{"rank1", "rank5", "rank10", "mAP", "mINP"}`` (fractions in [0, 1]); after it,
+    :attr:`last_cmc` holds the CMC curve (numpy, length ``max_rank``) and :meth:`topk_gallery`
+    gives rank lists for pictures (until :meth:`reset`).
+
+    Args:
+        metric: ``"euclidean"`` (squared) or ``"cosine"`` distance.
+        normalize: L2-normalise features before the distance (the MAR protocol uses unit-norm
+            features with cosine distance, for which it makes no difference).
+        rerank: evaluate k-reciprocal re-ranked distances (O((Q+G)^2) memory: Market-sized
+            evaluations only) with ``k1``, ``k2``, ``lambda_value``.
+        ap: ``"standard"`` or ``"market_trapezoid"`` (official Market-1501 AP, MAR paper).
+        max_rank: length of :attr:`last_cmc` (ranks 1/5/10 are always reported).
+        chunk_size: queries per chunk of the distance computation (None: automatic).
+        flip: recorded only: flip averaging (mean of the features of an image and of its
+            horizontal flip) happens in the caller's feature extraction, which can read it here.
+        **kwargs: torchmetrics options, e.g. ``compute_on_cpu=True`` (move the stored features
+            to CPU after each update, for galleries too large for the accelerator),
+            ``sync_on_compute``, ``process_group``.
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    features: list[Tensor]
+    pids: list[Tensor]
+    camids: list[Tensor]
+    is_query: list[Tensor]
+    index: list[Tensor]
+
+    def __init__(
+        self,
+        metric: str = "euclidean",
+        normalize: bool = False,
+        rerank: bool = False,
+        k1: int = 20,
+        k2: int = 6,
+        lambda_value: float = 0.3,
+        ap: str = "standard",
+        max_rank: int = 50,
+        chunk_size: int | None = None,
+        flip: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        _check_choice(metric, _METRICS, "metric")
+        _check_choice(ap, _AP_VARIANTS, "ap")
+        self.metric = metric
+        self.normalize = bool(normalize)
+        self.rerank = bool(rerank)
+        self.k1, self.k2 = _check_positive_int(k1, "k1"), _check_positive_int(k2, "k2")
+        if not 0.0 <= lambda_value <= 1.0:
+            raise ValueError(f"lambda_value={lambda_value!r}: expected a value in [0, 1]")
+        self.lambda_value = float(lambda_value)
+        self.ap = ap
+        self.max_rank = _check_positive_int(max_rank, "max_rank")
+        if chunk_size is not None:
+            _check_positive_int(chunk_size, "chunk_size")
+        self.chunk_size = chunk_size
+        self.flip = bool(flip)
+        for name in ("features", "pids", "camids", "is_query", "index"):
+            self.add_state(name, default=[], dist_reduce_fx="cat")
+        self.last_cmc: np.ndarray | None = None
+        self._evaluated: _Split | None = None
+
+    def update(
+        self, features: Tensor, pids: Tensor, camids: Tensor, is_query: Tensor, index: Tensor
+    ) -> None:
+        """Store a batch: features (B, D); pids, camids, is_query (bool), index: (B,)."""
+        if features.dim() != 2:
+            raise ValueError(f"features: expected (B, D), got shape {tuple(features.shape)}")
+        batch = features.shape[0]
+        for name, value in (("pids", pids), ("camids", camids), ("is_query", is_query)):
+            if value.shape != (batch,):
+                raise ValueError(f"{name}: expected shape ({batch},), got {tuple(value.shape)}")
+        if index.shape != (batch,):
+            raise ValueError(f"index: expected shape ({batch},), got {tuple(index.shape)}")
+        self.features.append(features.detach())
+        # int64 everywhere: every backend all-gathers it (gloo has no bool all_gather).
+        self.pids.append(pids.detach().long())
+        self.camids.append(camids.detach().long())
+        self.is_query.append(is_query.detach().long())
+        self.index.append(index.detach().long())
+
+    def _deduplicated(self) -> _Split:
+        if isinstance(self.features, list) and not self.features:
+            raise ValueError("ReIDMetric.compute() called before any update()")
+        feats = dim_zero_cat(self.features)
+        feats = feats.float() if feats.dtype in (torch.float16, torch.bfloat16) else feats
+        n = feats.shape[0]
+        device = feats.device
+        # An empty rank contributes float placeholders: cast the labels back to int64.
+        pids, camids, is_query, index = (
+            _as_labels(dim_zero_cat(state).long(), name, n, device)
+            for name, state in (
+                ("pids", self.pids),
+                ("camids", self.camids),
+                ("is_query", self.is_query),
+                ("index", self.index),
+            )
+        )
+        if n and int(index.min()) < 0:
+            raise ValueError("index: dataset indices must be >= 0")
+        # First occurrence of each (index, is_query), sorted by that key.
+        key = index * 2 + (is_query != 0).long()
+        order = torch.sort(key, stable=True).indices
+        sorted_key = key[order]
+        first = torch.ones(n, dtype=torch.bool, device=device)
+        first[1:] = sorted_key[1:] != sorted_key[:-1]
+        keep = order[first]
+        group_keep = keep[torch.cumsum(first, 0) - 1]  # the kept sample of each sample's key
+        bad = (pids[order] != pids[group_keep]) | (camids[order] != camids[group_keep])
+        if bool(bad.any()):
+            dup = int(index[order][bad][0])
+            raise ValueError(
+                f"index {dup} was updated twice with different pid/camid: repeated samples "
+                "must be the same dataset record (check the `index` passed to update())"
+            )
+        query = is_query[keep] != 0
+        q, g = keep[query], keep[~query]
+        if len(q) == 0 or len(g) == 0:
+            raise ValueError(
+                f"ReIDMetric needs queries and gallery items, got {len(q)} queries and "
+                f"{len(g)} gallery items (check is_query)"
+            )
+        if self.normalize:
+            feats = F.normalize(feats, dim=1)
+        return _Split(
+            feats[q], feats[g], pids[q], pids[g], camids[q], camids[g], index[q], index[g]
+        )
+
+    def compute(self) -> dict[str, float]:
+        split = self._deduplicated()
+        max_rank = min(max(self.max_rank, 10), len(split.g_pids))
+        if self.rerank:
+            qg = compute_distance_matrix(split.qf, split.gf, self.metric)
+            qq = compute_distance_matrix(split.qf, split.qf, self.metric)
+            gg = compute_distance_matrix(split.gf, split.gf, self.metric)
+            split.distmat = re_ranking(qg, qq, gg, self.k1, self.k2, self.lambda_value)
+            del qg, qq, gg
+            cmc, mAP, mINP = evaluate_rank(
+                split.distmat,
+                *split.labels,
+                max_rank=max_rank,
+                ap=self.ap,
+                chunk_size=self.chunk_size,
+            )
+        else:
+            cmc, mAP, mINP = evaluate_features(
+                split.qf,
+                split.gf,
+                *split.labels,
+                metric=self.metric,
+                chunk_size=self.chunk_size,
+                max_rank=max_rank,
+                ap=self.ap,
+            )
+        self._evaluated = split
+        self.last_cmc = cmc[: self.max_rank]
+
+        def rank(k: int) -> float:  # CMC is 1 beyond the gallery size for valid queries
+            return float(cmc[min(k, len(cmc)) - 1])
+
+        return {
+            "rank1": rank(1),
+            "rank5": rank(5),
+            "rank10": rank(10),
+            "mAP": float(mAP),
+            "mINP": float(mINP),
+        }
+
+    def topk_gallery(self, k: int = 10) -> RankList:
+        """Top-k gallery lists of every query of the last :meth:`compute`, ranked by the
+        evaluation protocol (same-identity same-camera items skipped, ties by gallery order).
+        """
+        if self._evaluated is None:
+            raise RuntimeError("topk_gallery() needs a compute() first (and no reset() since)")
+        s = self._evaluated
+        if s.distmat is not None:
+            positions, matches, dists = topk_gallery(
+                s.distmat, *s.labels, k=k, chunk_size=self.chunk_size
+            )
+        else:
+            positions, matches, dists = _topk_features(
+                s.qf, s.gf, s.labels, self.metric, k, self.chunk_size
+            )
+        g_index = s.g_index.to(positions.device)
+        gallery_index = torch.where(positions >= 0, g_index[positions.clamp(min=0)], -1)
+        return RankList(s.q_index, gallery_index, matches, dists)
+
+    def reset(self) -> None:
+        super().reset()
+        self.last_cmc = None
+        self._evaluated = None
