@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -17,10 +18,28 @@ log = RankedLogger(__name__)
 DATA_DERIVED_KWARGS = ("num_classes", "num_target_train", "num_target_cameras")
 
 
+def sweep_id() -> str | None:
+    """Name of the multirun directory inside a Hydra multirun job (e.g. ``2024-05-01_12-00-00``
+    for ``logs/train/multiruns/2024-05-01_12-00-00``), None in a single run or outside Hydra.
+
+    The same for every job of one sweep (Optuna trials included): W&B tags runs with it."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return None
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.get("mode") != RunMode.MULTIRUN or not hydra_cfg.sweep.get("dir"):
+        return None
+    return Path(str(hydra_cfg.sweep.dir)).name
+
+
 def register_resolvers() -> None:
-    """`${eval_int:'a // b'}`-style arithmetic is not needed; we only add `${mul:a,b}`."""
+    """`${mul:a,b}` (products of config values) and `${sweep_id:}` (see :func:`sweep_id`)."""
     if not OmegaConf.has_resolver("mul"):
         OmegaConf.register_new_resolver("mul", lambda a, b: a * b)
+    if not OmegaConf.has_resolver("sweep_id"):
+        OmegaConf.register_new_resolver("sweep_id", sweep_id)
 
 
 def validate_config(cfg: DictConfig) -> None:
@@ -64,8 +83,9 @@ def log_hyperparameters(objects: dict[str, Any]) -> None:
     system = objects["system"]
     if not trainer.logger:
         return
-    hparams = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
-    hparams.pop("hydra", None)
+    # Everything but Hydra's own node (whose sweep keys only resolve inside a multirun).
+    keys = [k for k in cfg if k != "hydra"]
+    hparams = OmegaConf.to_container(OmegaConf.masked_copy(cfg, keys), resolve=True)
     hparams["params/total"] = sum(p.numel() for p in system.parameters())
     hparams["params/trainable"] = sum(p.numel() for p in system.parameters() if p.requires_grad)
     for logger in trainer.loggers:

@@ -17,14 +17,17 @@ log = RankedLogger(__name__)
 RESULT_KEYS = ("rank1", "rank5", "rank10", "mAP", "mINP")
 
 
-def close_loggers() -> None:
-    """Finish every experiment tracker left open, so multirun jobs never leak into each other."""
+def close_loggers(exit_code: int = 0) -> None:
+    """Finish every experiment tracker left open, so multirun jobs never leak into each other.
+
+    A non-zero `exit_code` marks the W&B run as failed (a crashed job of a sweep shows as such).
+    """
     if "wandb" in sys.modules:
         import wandb
 
         if wandb.run is not None:
             log.info("Closing the wandb run")
-            wandb.finish()
+            wandb.finish(exit_code=exit_code)
 
 
 def task_wrapper(task_func: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
@@ -36,14 +39,17 @@ def task_wrapper(task_func: Callable[[DictConfig], Any]) -> Callable[[DictConfig
 
     @functools.wraps(task_func)
     def wrapped(cfg: DictConfig) -> Any:
+        exit_code = 1
         try:
-            return task_func(cfg)
+            result = task_func(cfg)
+            exit_code = 0
+            return result
         except Exception:
             out = cfg.get("paths", {}).get("output_dir", "?")
             log.exception(f"Task failed; run directory: {out}")
             raise
         finally:
-            close_loggers()
+            close_loggers(exit_code)
 
     return wrapped
 

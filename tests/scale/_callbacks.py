@@ -1,0 +1,63 @@
+"""Callbacks the scale-out tests attach to a run: each rank writes what it saw to a file that the
+pytest process reads after `ddp_spawn` has joined its workers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+
+class BatchRecorder(Callback):
+    """Per rank: the identities of every training batch (source batch in domain adaptation),
+    the dtype of the backbone's output (autocast check) and, for MAR, whether the buffers equal
+    rank 0's at the end of training. Written to ``out_dir/rank{r}.pt``."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = out_dir
+        self.pids: list[torch.Tensor] = []
+        self.feature_dtypes: set[str] = set()
+        self._handle: Any = None
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        def record(module: Any, inputs: Any, output: torch.Tensor) -> None:
+            if module.training:
+                self.feature_dtypes.add(str(output.dtype))
+
+        self._handle = pl_module.net.backbone.register_forward_hook(record)
+
+    def on_train_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        source = batch.get("source", batch)
+        self.pids.append(source["pid"].detach().cpu().clone())
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+        result: dict[str, Any] = {
+            "world_size": trainer.world_size,
+            "pids": self.pids,
+            "feature_dtypes": sorted(self.feature_dtypes),
+            "precision": trainer.precision,
+        }
+        if hasattr(pl_module, "memory"):  # MAR: every rank's buffers against rank 0's
+            buffers = {
+                "memory": pl_module.memory,
+                "memory_visited": pl_module.memory_visited.to(torch.uint8),
+                "threshold": pl_module.discriminative_loss.threshold.reshape(1),
+                "center_mean": pl_module.multilabel_loss.center_mean,
+                "center_std": pl_module.multilabel_loss.center_std,
+            }
+            same = {}
+            for name, value in buffers.items():
+                reference = value.clone()
+                if trainer.world_size > 1:
+                    torch.distributed.broadcast(reference, src=0)
+                same[name] = bool(torch.equal(reference, value))
+            result["buffers_equal_rank0"] = same
+            result["visited_rows"] = int(pl_module.memory_visited.sum())
+        Path(self.out_dir).mkdir(parents=True, exist_ok=True)
+        torch.save(result, Path(self.out_dir) / f"rank{trainer.global_rank}.pt")

@@ -1,0 +1,115 @@
+"""MAR stage 2 (experiment=synthetic_mar) on 2 CPU processes (trainer=ddp_cpu) and in bf16
+autocast, through `train(cfg)` on the tiny synthetic domains: the MAR buffers end identical on both
+ranks, the test metrics equal a single-process evaluation of the saved checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from src.data import build_dataset
+from src.eval import evaluate
+from src.train import train
+from tests.conftest import tiny_overrides
+from tests.scale.test_ddp_supervised import _recorder
+from tests.systems.test_mar_module import save_stage1
+
+BUFFERS = ("memory", "memory_visited", "threshold", "center_mean", "center_std")
+
+
+def mar_overrides(data_root: Path, stage1: Path) -> list[str]:
+    """Stage 2 on the tiny A -> B data from a stage-1-shaped checkpoint (as tests/systems)."""
+    return [
+        "experiment=synthetic_mar",
+        *tiny_overrides(data_root),
+        "+data.target.preset=tiny",
+        "data.target_batch_size=16",
+        f"system.pretrained_ckpt={stage1}",
+        # 16 target images per global batch: C(16, 2) x 0.05 = 6 mined pairs per step
+        "loss.mining_ratio=0.05",
+        "system.warmup_epochs=0",
+        "trainer.max_epochs=1",
+    ]
+
+
+@pytest.fixture
+def stage1_ckpt(tiny_data_root: Path, tmp_path: Path) -> Path:
+    num_ids = build_dataset(
+        "synthetic", tiny_data_root / "synthetic" / "A", domain="A", preset="tiny"
+    ).num_train_pids
+    return save_stage1(tmp_path / "stage1.ckpt", seed=0, num_classes=num_ids)
+
+
+def _single_process_eval(make_cfg, data_root: Path, ckpt: Path) -> dict[str, float]:
+    overrides = [o for o in tiny_overrides(data_root, train=False)]
+    cfg = make_cfg(
+        [
+            "experiment=synthetic_mar",
+            *overrides,
+            "+data.target.preset=tiny",
+            f"ckpt_path={ckpt}",
+            "metric=cosine",
+        ],
+        config_name="eval",
+    )
+    return evaluate(cfg)["plain"]
+
+
+@pytest.mark.slow
+def test_mar_ddp_spawn_two_cpu_processes(make_cfg, tiny_data_root, stage1_ckpt, tmp_path):
+    """One epoch on 2 ranks (8 + 8 images per rank and step): buffers identical on both ranks
+    after the gathered updates, test metrics == single-process evaluation of last.ckpt."""
+    cfg = make_cfg(
+        [
+            *mar_overrides(tiny_data_root, stage1_ckpt),
+            "trainer=ddp_cpu",
+            "trainer.devices=2",
+            "data.batch_size=8",
+            "data.target_batch_size=8",
+        ]
+    )
+    _recorder(cfg, tmp_path / "ranks")
+    metrics, _ = train(cfg)
+
+    ranks = [torch.load(tmp_path / "ranks" / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    steps = len(ranks[0]["pids"])
+    assert steps == len(ranks[1]["pids"]) >= 2
+    for rank in ranks:
+        assert rank["world_size"] == 2
+        assert all(rank["buffers_equal_rank0"][name] for name in BUFFERS), rank
+        # every step writes the 16 distinct target images of the global batch (no warm-up)
+        assert rank["visited_rows"] >= 16
+    for key in ("train/loss_epoch", "train/loss_mdl_epoch", "train/loss_cml_epoch"):
+        assert torch.isfinite(torch.tensor(metrics[key])), key
+
+    ckpt = Path(cfg.paths.output_dir, "checkpoints", "last.ckpt")
+    reference = _single_process_eval(make_cfg, tiny_data_root, ckpt)
+    for key in ("rank1", "rank5", "mAP", "mINP"):
+        assert metrics[f"test/{key}"] == pytest.approx(reference[key], abs=1e-6), key
+
+
+def test_mar_bf16_mixed_cpu(make_cfg, tiny_data_root, stage1_ckpt, tmp_path):
+    """trainer.precision=bf16-mixed: the backbone runs in bf16, every MAR loss term and
+    diagnostic is finite, the buffers stay fp32, and the test metrics are the checkpoint's."""
+    cfg = make_cfg(
+        [
+            *mar_overrides(tiny_data_root, stage1_ckpt),
+            "trainer.precision=bf16-mixed",
+            "+trainer.limit_train_batches=2",
+        ]
+    )
+    _recorder(cfg, tmp_path / "ranks")
+    metrics, objects = train(cfg)
+    record = torch.load(tmp_path / "ranks" / "rank0.pt", weights_only=True)
+    assert record["precision"] == "bf16-mixed"
+    assert record["feature_dtypes"] == ["torch.bfloat16"]
+    for key in ("loss", "loss_al", "loss_rj", "loss_cml", "loss_mdl"):
+        value = metrics[f"train/{key}_epoch"]
+        assert torch.isfinite(torch.tensor(value)), key
+    assert metrics["train/loss_mdl_epoch"] > 0
+    system = objects["system"]
+    assert system.memory.dtype == torch.float32 and int(system.memory_visited.sum()) == 32
+    assert bool(torch.isfinite(system.memory).all())
+    assert 0.0 <= metrics["test/mAP"] <= 1.0

@@ -1,0 +1,128 @@
+"""W&B in offline mode through `train(cfg)`: the run file it writes holds the run's group and tags,
+the resolved config, every loss term, the validation metrics and their best values, learning
+rates and the pictures; the run is finished when `train` returns, and marked failed when it
+raises; `logger=[csv,wandb]` writes both."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from lightning.pytorch import Callback
+
+from src.train import train
+from tests.conftest import tiny_overrides
+from tests.scale._wandb_file import OfflineRun, read_offline_run
+
+
+@pytest.fixture
+def wandb_offline(monkeypatch, tmp_path):
+    """Offline W&B with every W&B folder in tmp_path and no credentials."""
+    import wandb
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    for var, name in (
+        ("WANDB_DIR", "wandb_dir"),
+        ("WANDB_CACHE_DIR", "wandb_cache"),
+        ("WANDB_CONFIG_DIR", "wandb_config"),
+        ("WANDB_DATA_DIR", "wandb_data"),
+    ):
+        monkeypatch.setenv(var, str(tmp_path / name))
+    yield
+    if wandb.run is not None:  # a failed assertion must not leak a run into the next test
+        wandb.finish()
+
+
+def offline_runs(run_dir: Path, timeout: float = 30.0) -> list[OfflineRun]:
+    """The offline runs under `run_dir`, once each has its exit record (wandb-core appends it
+    shortly after `wandb.finish()` returns)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        files = sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
+        try:
+            runs = [read_offline_run(f) for f in files]
+            if all(run.exit_code is not None for run in runs):
+                return runs
+        except ValueError:  # still being written
+            if time.monotonic() > deadline:
+                raise
+        if time.monotonic() > deadline:
+            return runs
+        time.sleep(0.2)
+
+
+def test_wandb_offline_run_with_csv(make_cfg, tiny_data_root, wandb_offline):
+    import wandb
+
+    cfg = make_cfg(
+        [
+            *tiny_overrides(tiny_data_root),
+            "logger=[csv,wandb]",
+            "trainer.max_epochs=1",
+            "trainer.log_every_n_steps=1",
+            "scheduler.warmup_epochs=0",
+        ]
+    )
+    metrics, _ = train(cfg)
+    assert wandb.run is None  # finished by the task wrapper
+    out = Path(cfg.paths.output_dir)
+    assert list(out.glob("csv/version_0/metrics.csv"))  # the CSV logger ran alongside
+
+    (run,) = offline_runs(out)
+    assert (run.project, run.group, run.job_type) == ("marlin", "train-synthetic_triplet", "train")
+    assert run.tags == ["synthetic", "triplet"] and run.exit_code == 0
+    # the resolved config (no interpolations left) and the parameter count
+    assert run.config["loss"]["margin"] == 0.3
+    assert run.config["paths"]["output_dir"] == str(out)
+    assert run.config["params/total"] > 0
+    expected = {
+        "train/loss_step",
+        "train/loss_tri_step",
+        "train/loss_ce_epoch",
+        "train/dist_ap_epoch",
+        "train/dist_an_epoch",
+        "val/mAP",
+        "val/rank1",
+        "val/mINP",
+        "val/mAP_best",
+        "val/rank1_best",
+        "test/mAP",
+        "lr-Adam/decay",
+        "lr-Adam/norm",
+        "val/ranklist/filenames",
+        "test/ranklist/filenames",
+        "test/embedding_pca/filenames",
+    }
+    assert expected <= run.history_keys, sorted(expected - run.history_keys)
+    for key in ("val/mAP", "val/mAP_best", "test/mAP"):
+        assert run.summary[key] == pytest.approx(metrics[key]), key
+    media = out.glob("wandb/offline-run-*/files/media/images")
+    (images,) = list(media)
+    assert list(images.glob("val/ranklist_*.png")) and list(images.glob("test/embedding_pca_*.png"))
+    # ... and the same pictures in the run directory (enabled=auto turned them on)
+    assert (out / "ranklists" / "val_epoch000.png").is_file()
+    assert (out / "embedding_test.png").is_file()
+
+
+class _Crash(Callback):
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        raise RuntimeError("boom")
+
+
+def test_wandb_run_of_a_failed_task_is_finished_as_failed(make_cfg, tiny_data_root, wandb_offline):
+    import wandb
+    from omegaconf import open_dict
+
+    cfg = make_cfg(
+        [*tiny_overrides(tiny_data_root), "logger=wandb", "+trainer.limit_train_batches=1"]
+    )
+    with open_dict(cfg):
+        cfg.callbacks.crash = {"_target_": f"{__name__}._Crash"}
+    with pytest.raises(RuntimeError, match="boom"):
+        train(cfg)
+    assert wandb.run is None
+    (run,) = offline_runs(Path(cfg.paths.output_dir))
+    assert run.exit_code == 1
