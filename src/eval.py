@@ -87,7 +87,9 @@ def evaluate_features_table(
 
     def summarise(dist: Any) -> dict[str, float]:
         cmc, mAP, mINP = evaluate_rank(dist, *labels, ap=cfg.ap)
-        return {"rank1": cmc[0], "rank5": cmc[4], "rank10": cmc[9], "mAP": mAP, "mINP": mINP}
+        # max_rank shrinks to the gallery size on tiny galleries
+        ranks = {f"rank{k}": cmc[min(k, len(cmc)) - 1] for k in (1, 5, 10)}
+        return {**ranks, "mAP": mAP, "mINP": mINP}
 
     rows["plain"] = summarise(distmat)
     if cfg.rerank:

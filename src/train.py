@@ -79,7 +79,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         trainer.test(model=system, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
         test_metrics = _to_float_dict(trainer.callback_metrics)
         metrics.update({k: v for k, v in test_metrics.items() if k.startswith("test/")})
-        rows = {"test (best ckpt)": {k[5:]: v for k, v in metrics.items() if k.startswith("test/")}}
+        label = "test (best checkpoint)" if ckpt_path else "test (current weights)"
+        rows = {label: {k[5:]: v for k, v in metrics.items() if k.startswith("test/")}}
         print_results_table(rows)
 
     if trainer.is_global_zero:
@@ -94,6 +95,8 @@ def main(cfg: DictConfig) -> float | None:
     """Hydra entry point; returns the optimized metric for sweepers (Optuna)."""
     extras(cfg)
     metrics, _ = train(cfg)
+    if not cfg.get("train"):  # a test-only run has no training metric to optimise
+        return None
     return get_metric_value(metrics, cfg.get("optimized_metric"))
 
 
