@@ -73,3 +73,4 @@ def make_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
 
     yield _make
     GlobalHydra.instance().clear()
+    HydraConfig.instance().cfg = None  # later tests must not see this run's Hydra config

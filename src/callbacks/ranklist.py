@@ -9,7 +9,7 @@ from lightning.pytorch import LightningModule, Trainer
 
 from src.callbacks._images import Enabled, EvalPictureCallback, image_dir, log_png
 from src.metrics.ranklist import plot_ranklist
-from src.systems.base import EVAL_STAGES, ReIDSystem
+from src.systems.base import EVAL_STAGES, EvalOutputs, ReIDSystem
 
 
 class RankListLogger(EvalPictureCallback):
@@ -50,7 +50,8 @@ class RankListLogger(EvalPictureCallback):
         self.topk = topk
         self.stages = tuple(stages)
         self.dirpath = dirpath
-        self._drawn: set[int] = set()  # ids of the EvalOutputs already drawn
+        # the EvalOutputs drawn last per stage (held, so that a stale one is never redrawn)
+        self._last_drawn: dict[str, EvalOutputs] = {}
 
     def request(self, system: ReIDSystem) -> None:
         for eval_stage in self.stages:
@@ -67,9 +68,9 @@ class RankListLogger(EvalPictureCallback):
     def _draw(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         outputs = getattr(pl_module, "eval_outputs", {}).get(stage)
         # none (skipped, truncated evaluation) or already drawn (a stale one from before)
-        if outputs is None or outputs.ranklist is None or id(outputs) in self._drawn:
+        if outputs is None or outputs.ranklist is None or outputs is self._last_drawn.get(stage):
             return
-        self._drawn.add(id(outputs))
+        self._last_drawn[stage] = outputs
         if not trainer.is_global_zero:
             return
         eval_data = trainer.datamodule.eval_data

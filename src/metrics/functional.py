@@ -56,7 +56,7 @@ APVariant = Literal["standard", "market_trapezoid"]
 DEFAULT_CHUNK_ELEMENTS = 2**23
 #: The pruned path runs while at most this fraction of a chunk's distances lie at or before the
 #: last true match of their row; beyond it, sorting them costs more than the histogram pass.
-_PRUNE_MAX_FRACTION = 0.1
+_PRUNE_MAX_FRACTION = 0.2
 #: Bins per row of the dense counting pass (see _less_by_histogram).
 _HIST_BINS = 4096
 _INT64_MAX = torch.iinfo(torch.int64).max

@@ -70,10 +70,8 @@ def plot_ranklist(
     Returns:
         The path written.
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    # A bare Figure renders with Agg without touching pyplot's global backend or figure list.
+    from matplotlib.figure import Figure
 
     indices, flags = _as_2d(topk_indices, "topk_indices"), _as_2d(matches, "matches")
     if indices.shape != flags.shape:
@@ -88,12 +86,8 @@ def plot_ranklist(
         raise ValueError("plot_ranklist: nothing to draw (no query row or topk < 1)")
     border = max(2, min(image_size) // 20)
 
-    fig, axes = plt.subplots(
-        len(chosen),
-        topk + 1,
-        figsize=((topk + 1) * 0.9, len(chosen) * 1.7),
-        squeeze=False,
-    )
+    fig = Figure(figsize=((topk + 1) * 0.9, len(chosen) * 1.7))
+    axes = fig.subplots(len(chosen), topk + 1, squeeze=False)
     for r, qi in enumerate(chosen):
         axes[r, 0].imshow(_tile(query_paths[qi], image_size, border, _QUERY))
         axes[r, 0].set_title("query", fontsize=7)
@@ -109,5 +103,4 @@ def plot_ranklist(
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, format="png", dpi=100)
-    plt.close(fig)
     return out

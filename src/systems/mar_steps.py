@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from src.losses.distributed import gather_with_grad
 from src.losses.mar import (
@@ -45,6 +45,7 @@ __all__ = [
     "MARWeights",
     "TargetBatch",
     "all_gather_nograd",
+    "describe_nonfinite",
     "first_occurrence",
     "gather_source_batch",
     "gather_target_batch",
@@ -321,8 +322,3 @@ def describe_nonfinite(flags: list[bool]) -> str:
         "centres": "the CML centres",
     }
     return ", ".join(names[n] for n, bad in zip(STATE_NAMES, flags) if bad)
-
-
-def module_state(module: nn.Module) -> dict[str, Tensor]:
-    """Detached copies of a module's buffers (for tests and DDP comparisons)."""
-    return {k: v.detach().clone() for k, v in module.named_buffers()}

@@ -4,8 +4,8 @@ MAR is the mode that has both knobs: the RJ margin (``loss.margin``) and the MDL
 (``loss.mining_ratio``). The demo trains one stage-1 model (source pretraining on A) and runs a
 Hydra multirun of stage 2 (MAR, A -> unlabelled B) over the 2 x 2 grid from that one checkpoint,
 so the four jobs differ only in the two swept values. Everything is shrunk to run on 2 CPU cores
-(64 x 32 images, a few epochs: about 10 minutes; ``--quick``: the tiny synthetic preset, one
-epoch, about a minute). Each job writes its own directory ``<out>/sweep/<n>/``; then
+(64 x 32 images, a few epochs: roughly 10-15 minutes; ``--quick``: the tiny synthetic preset,
+one epoch, one to two minutes). Each job writes its own directory ``<out>/sweep/<n>/``; then
 ``python -m src.tools.summarize_sweep <out>/sweep --metric test/mAP`` prints the table and writes
 ``sweep_summary.csv`` and ``sweep_summary.png`` (test/mAP against the margin, one line per mining
 ratio) into the sweep directory, so the sweep is readable without W&B.
@@ -121,8 +121,10 @@ def build_plan(args: argparse.Namespace) -> DemoPlan:
 
 
 def _run(cmd: list[str], log: Path) -> None:
-    """One stage as its own process, exactly the CLI a user would type; output teed to `log`."""
+    """One stage as its own process, exactly the CLI a user would type; its output goes to `log`
+    (the last lines are shown if it fails)."""
     print("$", " ".join(cmd), flush=True)
+    print(f"  (progress: tail -f {log})", flush=True)
     start = time.perf_counter()
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as f:
@@ -139,7 +141,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description="MAR margin x mining-ratio multirun on the synthetic data, then a summary "
         "table and sweep_summary.png.",
     )
-    parser.add_argument("--quick", action="store_true", help="tiny data, one epoch (~1 min)")
+    parser.add_argument("--quick", action="store_true", help="tiny data, one epoch (1-2 min)")
     parser.add_argument("--out", default=None, help="demo folder (default logs/sweep_demo/<time>)")
     parser.add_argument("--stage1-ckpt", default=None, help="skip stage 1: start from this ckpt")
     parser.add_argument(

@@ -62,6 +62,43 @@ def validate_config(cfg: DictConfig) -> None:
             "trainer.use_distributed_sampler must be false: the P x K sampler shards itself; "
             "Lightning's DistributedSamplerWrapper would break P x K batches under DDP"
         )
+    _check_ddp_in_multirun(trainer)
+
+
+def _launches_processes(trainer: DictConfig) -> bool:
+    """Whether `trainer` is plain `ddp` on more than one process (Lightning then re-runs the
+    command line once per extra process)."""
+    if trainer.get("strategy") != "ddp":
+        return False
+    devices, nodes = trainer.get("devices", 1), trainer.get("num_nodes", 1) or 1
+    if isinstance(devices, str):
+        many = (
+            devices in ("auto", "-1") or "," in devices or (devices.isdigit() and int(devices) > 1)
+        )
+    elif isinstance(devices, int):
+        many = devices == -1 or devices > 1
+    else:  # a list of device ids
+        many = len(devices) > 1
+    return many or nodes > 1
+
+
+def _check_ddp_in_multirun(trainer: DictConfig) -> None:
+    """Plain `ddp` in a local multirun would re-run the whole sweep in every child process."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not _launches_processes(trainer) or not HydraConfig.initialized():
+        return
+    hydra_cfg = HydraConfig.get()
+    launcher = str(hydra_cfg.get("launcher", {}).get("_target_", ""))
+    # under SLURM (submitit) the scheduler starts one process per GPU: plain ddp is right there
+    if hydra_cfg.get("mode") == RunMode.MULTIRUN and "submitit" not in launcher:
+        raise ValueError(
+            "trainer.strategy=ddp inside a multirun: Lightning would start its extra processes "
+            "by re-running this command line, i.e. the whole sweep. Use "
+            "trainer.strategy=ddp_spawn for sweeps on one machine (docs/scaling.md), or submit "
+            "the jobs with hydra/launcher=submitit_slurm"
+        )
 
 
 def data_kwargs_for(system_cfg: DictConfig, datamodule: Any) -> dict[str, Any]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import hydra
 import numpy as np
 import pytest
 import torch
@@ -14,25 +13,12 @@ import torch
 import src.callbacks.ranklist as ranklist_module
 from src.callbacks import EmbeddingProjection, RankListLogger
 from src.callbacks.embedding_projection import pca_2d, pick_identities
-from src.eval import extract_split_features, load_system_from_checkpoint
 from src.metrics.functional import compute_distance_matrix, topk_gallery
 from src.train import train
 from tests.conftest import tiny_overrides
+from tests.scale._helpers import reference_features
 
 PNG = b"\x89PNG\r\n\x1a\n"
-
-
-def reference_features(make_cfg, data_root: Path, ckpt: Path) -> tuple[dict, object]:
-    """Features of `ckpt` extracted in one process, in evaluation-index order, and the data."""
-    cfg = make_cfg(
-        [*tiny_overrides(data_root, train=False), f"ckpt_path={ckpt}"], config_name="eval"
-    )
-    datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
-    datamodule.setup("test")
-    system = load_system_from_checkpoint(cfg, datamodule)
-    data = extract_split_features(system, datamodule.test_dataloader(), torch.device("cpu"), False)
-    assert torch.equal(data["index"], torch.arange(len(data["index"])))  # query then gallery
-    return data, datamodule
 
 
 def test_pictures_of_a_tiny_run(make_cfg, tiny_data_root, monkeypatch):
@@ -50,6 +36,7 @@ def test_pictures_of_a_tiny_run(make_cfg, tiny_data_root, monkeypatch):
             "callbacks.ranklist.enabled=true",
             "callbacks.embedding_projection.enabled=true",
             "trainer.max_epochs=1",
+            "trainer.check_val_every_n_epoch=1",
             "scheduler.warmup_epochs=0",
         ]
     )
@@ -122,3 +109,49 @@ def test_bad_arguments():
         EmbeddingProjection(stage="fit")
     with pytest.raises(ValueError, match="num_identities"):
         EmbeddingProjection(num_identities=0)
+
+
+def test_pictures_go_to_wandb_and_tensorboard_loggers(tmp_path):
+    """`log_png` hands the file to WandbLogger.log_image and the pixels (HWC) to TensorBoard's
+    add_image, at the trainer's global step; other loggers get nothing."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+    from PIL import Image
+
+    from src.callbacks._images import has_image_logger, log_png
+
+    calls = []
+
+    class FakeWandb(WandbLogger):
+        def __init__(self) -> None:  # no wandb run
+            pass
+
+        def log_image(self, key, images, step=None, **kwargs):
+            calls.append(("wandb", key, images, step, kwargs))
+
+    class FakeWriter:
+        def add_image(self, tag, img, global_step, dataformats):
+            calls.append(("tb", tag, img.shape, global_step, dataformats))
+
+    class FakeTensorBoard(TensorBoardLogger):
+        def __init__(self) -> None:  # no tensorboard package needed
+            pass
+
+        @property
+        def experiment(self):
+            return FakeWriter()
+
+    path = tmp_path / "picture.png"
+    Image.new("RGB", (7, 5), (255, 0, 0)).save(path)
+    csv_only = SimpleNamespace(loggers=[CSVLogger(tmp_path)], global_step=3)
+    assert not has_image_logger(csv_only)
+    trainer = SimpleNamespace(
+        loggers=[CSVLogger(tmp_path), FakeWandb(), FakeTensorBoard()], global_step=3
+    )
+    assert has_image_logger(trainer)
+    log_png(trainer, "val/ranklist", path, "epoch 0")
+    assert calls == [
+        ("wandb", "val/ranklist", [str(path)], 3, {"caption": ["epoch 0"]}),
+        ("tb", "val/ranklist", (5, 7, 3), 3, "HWC"),
+    ]

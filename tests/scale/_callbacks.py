@@ -13,7 +13,8 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 class BatchRecorder(Callback):
     """Per rank: the identities of every training batch (source batch in domain adaptation),
     the dtype of the backbone's output (autocast check) and, for MAR, whether the buffers equal
-    rank 0's at the end of training. Written to ``out_dir/rank{r}.pt``."""
+    rank 0's at the end of training. Written to ``out_dir/rank{r}.pt``; after a test, the test's
+    gathered evaluation outputs (when a callback asked for them) to ``out_dir/rank{r}_test.pt``."""
 
     def __init__(self, out_dir: str) -> None:
         self.out_dir = out_dir
@@ -61,3 +62,12 @@ class BatchRecorder(Callback):
             result["visited_rows"] = int(pl_module.memory_visited.sum())
         Path(self.out_dir).mkdir(parents=True, exist_ok=True)
         torch.save(result, Path(self.out_dir) / f"rank{trainer.global_rank}.pt")
+
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        outputs = getattr(pl_module, "eval_outputs", {}).get("test")
+        if outputs is None or outputs.features is None:
+            return
+        fields = ("features", "pids", "camids", "is_query", "index")
+        result = {name: getattr(outputs, name) for name in fields}
+        result["gallery_index"] = outputs.ranklist.gallery_index if outputs.ranklist else None
+        torch.save(result, Path(self.out_dir) / f"rank{trainer.global_rank}_test.pt")

@@ -9,55 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from src.data import build_dataset
-from src.eval import evaluate
 from src.train import train
-from tests.conftest import tiny_overrides
-from tests.scale.test_ddp_supervised import _recorder
-from tests.systems.test_mar_module import save_stage1
+from tests.scale._helpers import attach_recorder, mar_overrides, single_process_eval
 
 BUFFERS = ("memory", "memory_visited", "threshold", "center_mean", "center_std")
 
 
-def mar_overrides(data_root: Path, stage1: Path) -> list[str]:
-    """Stage 2 on the tiny A -> B data from a stage-1-shaped checkpoint (as tests/systems)."""
-    return [
-        "experiment=synthetic_mar",
-        *tiny_overrides(data_root),
-        "+data.target.preset=tiny",
-        "data.target_batch_size=16",
-        f"system.pretrained_ckpt={stage1}",
-        # 16 target images per global batch: C(16, 2) x 0.05 = 6 mined pairs per step
-        "loss.mining_ratio=0.05",
-        "system.warmup_epochs=0",
-        "trainer.max_epochs=1",
-    ]
-
-
-@pytest.fixture
-def stage1_ckpt(tiny_data_root: Path, tmp_path: Path) -> Path:
-    num_ids = build_dataset(
-        "synthetic", tiny_data_root / "synthetic" / "A", domain="A", preset="tiny"
-    ).num_train_pids
-    return save_stage1(tmp_path / "stage1.ckpt", seed=0, num_classes=num_ids)
-
-
-def _single_process_eval(make_cfg, data_root: Path, ckpt: Path) -> dict[str, float]:
-    overrides = [o for o in tiny_overrides(data_root, train=False)]
-    cfg = make_cfg(
-        [
-            "experiment=synthetic_mar",
-            *overrides,
-            "+data.target.preset=tiny",
-            f"ckpt_path={ckpt}",
-            "metric=cosine",
-        ],
-        config_name="eval",
-    )
-    return evaluate(cfg)["plain"]
-
-
-@pytest.mark.slow
 def test_mar_ddp_spawn_two_cpu_processes(make_cfg, tiny_data_root, stage1_ckpt, tmp_path):
     """One epoch on 2 ranks (8 + 8 images per rank and step): buffers identical on both ranks
     after the gathered updates, test metrics == single-process evaluation of last.ckpt."""
@@ -70,7 +27,7 @@ def test_mar_ddp_spawn_two_cpu_processes(make_cfg, tiny_data_root, stage1_ckpt, 
             "data.target_batch_size=8",
         ]
     )
-    _recorder(cfg, tmp_path / "ranks")
+    attach_recorder(cfg, tmp_path / "ranks")
     metrics, _ = train(cfg)
 
     ranks = [torch.load(tmp_path / "ranks" / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
@@ -85,7 +42,7 @@ def test_mar_ddp_spawn_two_cpu_processes(make_cfg, tiny_data_root, stage1_ckpt, 
         assert torch.isfinite(torch.tensor(metrics[key])), key
 
     ckpt = Path(cfg.paths.output_dir, "checkpoints", "last.ckpt")
-    reference = _single_process_eval(make_cfg, tiny_data_root, ckpt)
+    reference = single_process_eval(make_cfg, tiny_data_root, ckpt, mar=True)
     for key in ("rank1", "rank5", "mAP", "mINP"):
         assert metrics[f"test/{key}"] == pytest.approx(reference[key], abs=1e-6), key
 
@@ -100,7 +57,7 @@ def test_mar_bf16_mixed_cpu(make_cfg, tiny_data_root, stage1_ckpt, tmp_path):
             "+trainer.limit_train_batches=2",
         ]
     )
-    _recorder(cfg, tmp_path / "ranks")
+    attach_recorder(cfg, tmp_path / "ranks")
     metrics, objects = train(cfg)
     record = torch.load(tmp_path / "ranks" / "rank0.pt", weights_only=True)
     assert record["precision"] == "bf16-mixed"

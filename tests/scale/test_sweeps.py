@@ -1,6 +1,7 @@
 """Sweeps: the swept keys reach the objects that train, the Optuna search spaces and the SLURM
-launcher config are valid (quick, in-process); a 2-job multirun with W&B and a 2-trial Optuna search
-with SQLite storage through the real CLI (`python -m src.train -m ...`, slow); `make sweep-demo`."""
+launcher config are valid (in-process); a 2-job multirun with W&B and a 2-trial Optuna search with
+SQLite storage through the real CLI (`python -m src.train -m ...` in a subprocess, as Hydra's
+multirun needs); `make sweep-demo --quick` (slow)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from omegaconf import OmegaConf
 
 from src.tools import summarize_sweep, sweep_demo
 from tests.conftest import CONF_DIR, tiny_overrides
-from tests.scale.test_wandb import offline_runs
+from tests.scale._helpers import offline_runs
 
 REPO = Path(CONF_DIR).parent
 
@@ -41,6 +42,7 @@ def cli_overrides(data_root: Path, tmp_path: Path) -> list[str]:
     return [
         *tiny_overrides(data_root),
         "trainer.max_epochs=1",
+        "trainer.check_val_every_n_epoch=1",
         "scheduler.warmup_epochs=0",
         f"paths.log_dir={tmp_path / 'logs'}",
     ]
@@ -173,8 +175,7 @@ def test_sweep_demo_plan_composes(make_cfg, tmp_path):
         assert len(grid) == 2 and all(len(o.split("=")[1].split(",")) == 2 for o in grid)
 
 
-# -------------------------------------------------------------------------------------- slow
-@pytest.mark.slow
+# ------------------------------------------------------------------- through the real CLI
 def test_multirun_two_jobs_with_csv_and_wandb(tiny_data_root, tmp_path):
     """`python -m src.train -m experiment=synthetic_triplet loss.margin=0.2,0.4` with
     logger=[csv,wandb] offline: one directory per job with its own metrics, checkpoint and W&B
@@ -226,7 +227,6 @@ def test_multirun_two_jobs_with_csv_and_wandb(tiny_data_root, tmp_path):
     assert sorted(row["loss.margin"] for row in summary.rows) == [0.2, 0.4]
 
 
-@pytest.mark.slow
 def test_optuna_two_trials_with_sqlite_storage(tiny_data_root, tmp_path):
     """hparams_search=triplet_optuna, 2 trials, persisted in SQLite: the study holds both trials
     with the values the jobs returned, and optimization_results.yaml names the best."""

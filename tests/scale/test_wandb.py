@@ -5,7 +5,6 @@ raises; `logger=[csv,wandb]` writes both."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -13,45 +12,7 @@ from lightning.pytorch import Callback
 
 from src.train import train
 from tests.conftest import tiny_overrides
-from tests.scale._wandb_file import OfflineRun, read_offline_run
-
-
-@pytest.fixture
-def wandb_offline(monkeypatch, tmp_path):
-    """Offline W&B with every W&B folder in tmp_path and no credentials."""
-    import wandb
-
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    for var, name in (
-        ("WANDB_DIR", "wandb_dir"),
-        ("WANDB_CACHE_DIR", "wandb_cache"),
-        ("WANDB_CONFIG_DIR", "wandb_config"),
-        ("WANDB_DATA_DIR", "wandb_data"),
-    ):
-        monkeypatch.setenv(var, str(tmp_path / name))
-    yield
-    if wandb.run is not None:  # a failed assertion must not leak a run into the next test
-        wandb.finish()
-
-
-def offline_runs(run_dir: Path, timeout: float = 30.0) -> list[OfflineRun]:
-    """The offline runs under `run_dir`, once each has its exit record (wandb-core appends it
-    shortly after `wandb.finish()` returns)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        files = sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
-        try:
-            runs = [read_offline_run(f) for f in files]
-            if all(run.exit_code is not None for run in runs):
-                return runs
-        except ValueError:  # still being written
-            if time.monotonic() > deadline:
-                raise
-        if time.monotonic() > deadline:
-            return runs
-        time.sleep(0.2)
+from tests.scale._helpers import offline_runs
 
 
 def test_wandb_offline_run_with_csv(make_cfg, tiny_data_root, wandb_offline):
@@ -62,6 +23,7 @@ def test_wandb_offline_run_with_csv(make_cfg, tiny_data_root, wandb_offline):
             *tiny_overrides(tiny_data_root),
             "logger=[csv,wandb]",
             "trainer.max_epochs=1",
+            "trainer.check_val_every_n_epoch=1",
             "trainer.log_every_n_steps=1",
             "scheduler.warmup_epochs=0",
         ]

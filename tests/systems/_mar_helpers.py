@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
 
 import torch
 
 from src.losses.mar import DiscriminativeLoss, JointLoss, MultilabelLoss, log_soft_multilabel
+from src.models import ReIDNet
 
 NUM_AGENTS = 7
 DIM = 5
@@ -103,3 +106,28 @@ def naive_memory_update(memory, visited, index, values, momentum=0.1):
             memory[idx] = values[i]
             visited[idx] = True
     return memory, visited
+
+
+def mar_net(**overrides):
+    """Hydra-like partial of the MAR network (ResNet-18 for speed): last stride 2, no final ReLU,
+    no BNNeck, bias-free classifier, pooled-feature embedding."""
+    kwargs = {
+        "backbone": {"name": "resnet18", "pretrained": False, "last_stride": 2, "last_relu": False},
+        "neck": "none",
+        "classifier_bias": False,
+        "embed": "global",
+    }
+    kwargs.update(overrides)
+    return partial(ReIDNet, **kwargs)
+
+
+def save_stage1(
+    path: Path, seed: int = 0, lightning: bool = True, num_classes: int = 5, **net_overrides
+) -> Path:
+    """A stage-1-shaped checkpoint (Lightning ``state_dict`` with ``net.*`` keys, or a plain
+    ReIDNet state dict) of a randomly initialised MAR network."""
+    torch.manual_seed(seed)
+    state = mar_net(**net_overrides)(num_classes=num_classes).state_dict()
+    payload = {"state_dict": {f"net.{k}": v for k, v in state.items()}} if lightning else state
+    torch.save(payload, path)
+    return path

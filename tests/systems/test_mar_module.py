@@ -12,23 +12,12 @@ import torch
 from scipy.spatial.distance import pdist
 
 from src.losses.mar import DiscriminativeLoss, JointLoss, MultilabelLoss
-from src.models import ReIDNet
 from src.systems import MARModule
+from tests.systems._mar_helpers import mar_net, save_stage1
 
 K = 5  # source identities = agents
 N_TARGET = 24
 CAMS = 3
-
-
-def mar_net(**overrides):
-    kwargs = {
-        "backbone": {"name": "resnet18", "pretrained": False, "last_stride": 2, "last_relu": False},
-        "neck": "none",
-        "classifier_bias": False,
-        "embed": "global",
-    }
-    kwargs.update(overrides)
-    return partial(ReIDNet, **kwargs)
 
 
 def make_module(tmp_path: Path | None = None, net=None, **kwargs) -> MARModule:
@@ -45,16 +34,6 @@ def make_module(tmp_path: Path | None = None, net=None, **kwargs) -> MARModule:
     }
     defaults.update(kwargs)
     return MARModule(**defaults)
-
-
-def save_stage1(path: Path, seed: int = 0, lightning: bool = True, **net_overrides) -> Path:
-    torch.manual_seed(seed)
-    net = mar_net(**net_overrides)(num_classes=net_overrides.pop("num_classes", K))
-    state = net.state_dict()
-    torch.save(
-        {"state_dict": {f"net.{k}": v for k, v in state.items()}} if lightning else state, path
-    )
-    return path
 
 
 class FakeTargetData:

@@ -1,5 +1,4 @@
-"""src/utils/loggers.py: the ddp_spawn-safe CSV logger, the W&B factory's mode and tags, and the
-`${sweep_id:}` resolver that tags the jobs of one multirun."""
+"""src/utils/loggers.py: the ddp_spawn-safe CSV logger, the W&B factory's mode and tags."""
 
 from __future__ import annotations
 
@@ -7,7 +6,6 @@ import csv
 import pickle
 from pathlib import Path
 
-from src.utils.config import register_resolvers, sweep_id
 from src.utils.loggers import CSVLogger, make_wandb_logger, wandb_api_key_configured
 
 
@@ -62,13 +60,3 @@ def test_wandb_mode_follows_the_api_key(monkeypatch, tmp_path):
     assert (
         make_wandb_logger(save_dir=str(tmp_path), mode="offline")._wandb_init["mode"] == "offline"
     )
-
-
-def test_sweep_id_is_the_multirun_dir_name_and_none_in_single_runs(make_cfg):
-    register_resolvers()
-    sweep_dir = "logs/train/multiruns/2024-05-01_12-00-00"
-    cfg = make_cfg(["logger=wandb", "hydra.mode=MULTIRUN", f"hydra.sweep.dir={sweep_dir}"])
-    assert sweep_id() == "2024-05-01_12-00-00"
-    assert cfg.logger.wandb.sweep == "2024-05-01_12-00-00"  # conf/logger/wandb.yaml
-    cfg = make_cfg(["logger=wandb", "hydra.mode=RUN", f"hydra.sweep.dir={sweep_dir}"])
-    assert sweep_id() is None and cfg.logger.wandb.sweep is None

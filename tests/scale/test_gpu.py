@@ -1,0 +1,89 @@
+"""GPU-only checks (marked `gpu`, deselected by default, skipped without CUDA): fp16 AMP on CUDA for
+both modes, and real CUDA DDP (NCCL) on 2 GPUs. Run with `pytest -m gpu tests/scale`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from src.train import train
+from tests.conftest import tiny_overrides
+from tests.scale._helpers import DDP_DATA, attach_recorder, mar_overrides, single_process_eval
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+GPU = ["trainer.accelerator=gpu", "trainer.devices=1"]
+ONE_EPOCH = ["trainer.max_epochs=1", "trainer.check_val_every_n_epoch=1"]
+
+
+def test_supervised_fp16_amp_on_cuda(make_cfg, tiny_data_root, tmp_path):
+    cfg = make_cfg(
+        [
+            *tiny_overrides(tiny_data_root),
+            *GPU,
+            *ONE_EPOCH,
+            "trainer.precision=16-mixed",
+            "scheduler.warmup_epochs=0",
+        ]
+    )
+    attach_recorder(cfg, tmp_path / "ranks")
+    metrics, objects = train(cfg)
+    record = torch.load(tmp_path / "ranks" / "rank0.pt", weights_only=True)
+    assert record["precision"] == "16-mixed" and record["feature_dtypes"] == ["torch.float16"]
+    assert objects["trainer"].precision_plugin.scaler is not None  # dynamic loss scaling
+    for key in ("train/loss_epoch", "train/loss_tri_epoch", "train/loss_ce_epoch"):
+        assert torch.isfinite(torch.tensor(metrics[key])), key
+    # fp16 features rank (almost) as the fp32 evaluation of the same checkpoint
+    ckpt = Path(cfg.paths.output_dir, "checkpoints", "last.ckpt")
+    reference = single_process_eval(make_cfg, tiny_data_root, ckpt)
+    assert metrics["val/mAP"] == pytest.approx(reference["mAP"], abs=0.02)
+
+
+def test_mar_fp16_amp_on_cuda(make_cfg, tiny_data_root, stage1_ckpt, tmp_path):
+    cfg = make_cfg(
+        [
+            *mar_overrides(tiny_data_root, stage1_ckpt),
+            *GPU,
+            "trainer.precision=16-mixed",
+            "+trainer.limit_train_batches=2",
+        ]
+    )
+    attach_recorder(cfg, tmp_path / "ranks")
+    metrics, objects = train(cfg)
+    record = torch.load(tmp_path / "ranks" / "rank0.pt", weights_only=True)
+    assert record["feature_dtypes"] == ["torch.float16"]
+    for key in ("loss", "loss_al", "loss_rj", "loss_cml", "loss_mdl"):
+        assert torch.isfinite(torch.tensor(metrics[f"train/{key}_epoch"])), key
+    system = objects["system"]
+    assert system.memory.dtype == torch.float32 and bool(torch.isfinite(system.memory).all())
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+def test_supervised_cuda_ddp_two_gpus(make_cfg, tiny_data_root, tmp_path):
+    """trainer=ddp on 2 GPUs (NCCL; ddp_spawn because plain ddp would relaunch pytest)."""
+    cfg = make_cfg(
+        [
+            *tiny_overrides(tiny_data_root),
+            *DDP_DATA,
+            *ONE_EPOCH,
+            "trainer=ddp",
+            "trainer.devices=2",
+            "trainer.strategy=ddp_spawn",
+            "scheduler.warmup_epochs=0",
+        ]
+    )
+    attach_recorder(cfg, tmp_path / "ranks")
+    metrics, _ = train(cfg)
+    ranks = [torch.load(tmp_path / "ranks" / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    for step in range(len(ranks[0]["pids"])):
+        pids = [set(r["pids"][step].tolist()) for r in ranks]
+        assert not pids[0] & pids[1], step
+    ckpt = Path(cfg.paths.output_dir, "checkpoints", "last.ckpt")
+    reference = single_process_eval(make_cfg, tiny_data_root, ckpt)
+    for key in ("rank1", "mAP"):
+        assert metrics[f"test/{key}"] == pytest.approx(reference[key], abs=1e-3), key
