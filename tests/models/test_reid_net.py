@@ -160,3 +160,16 @@ def test_state_dict_names():
 def test_bad_options_name_the_key(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ReIDNet(**{"backbone": "resnet18", **kwargs})
+
+
+def test_backbone_given_as_a_hydra_mapping():
+    """conf/model/*.yaml nests the backbone options: the mapping form builds the same network."""
+    from src.models import ReIDNet
+
+    net = ReIDNet(backbone={"name": "resnet18", "last_stride": 2, "last_relu": False}, neck="none")
+    flat = ReIDNet(backbone="resnet18", last_stride=2, last_relu=False, neck="none")
+    assert net.state_dict().keys() == flat.state_dict().keys()
+    x = torch.randn(2, 3, 64, 32)
+    assert net(x)["global_feat"].shape == flat(x)["global_feat"].shape
+    with pytest.raises(ValueError, match="model.backbone"):
+        ReIDNet(backbone={"name": "resnet18", "stride": 1})
