@@ -79,9 +79,14 @@ def test_build_optimizer_excludes_norm_parameters_from_weight_decay():
         ["scheduler=hermans_exp"],
         ["model=resnet50", "model.backbone.pretrained=false"],
         ["loss=triplet_soft"],
+        ["callbacks=[model_checkpoint,early_stopping]"],
+        ["callbacks=none"],
     ],
 )
 def test_group_options_compose_and_run(overrides, make_cfg, tiny_data_root):
-    cfg = make_cfg(tiny_overrides(tiny_data_root) + overrides + ["debug=fdr", "test=false"])
+    base = tiny_overrides(tiny_data_root)
+    if any(o.startswith("callbacks") for o in overrides):  # replaces the whole callbacks group
+        base = [o for o in base if not o.startswith("callbacks")]
+    cfg = make_cfg(base + overrides + ["debug=fdr", "test=false"])
     metrics, objects = train(cfg)
     assert metrics["train/loss_step"] > 0
