@@ -56,7 +56,8 @@ class ReIDDataModule(LightningDataModule):
         persistent_workers: keep workers between epochs/cycles (default: num_workers > 0).
         mean, std: normalisation: 3 floats, "imagenet" (default) or "auto" (computed per domain
             from its train split at (height, width), cached in the dataset root).
-        flip_p, pad, random_erasing_p, erasing_value, interpolation: see :func:`build_transforms`.
+        flip_p, pad, random_erasing_p, erasing_value, interpolation, color_jitter, color_jitter_p,
+            grayscale_p: see :func:`build_transforms`.
         seed: base seed of all samplers (identical on every rank; None -> 0).
     """
 
@@ -81,6 +82,9 @@ class ReIDDataModule(LightningDataModule):
         random_erasing_p: float = 0.5,
         erasing_value: str = "mean",
         interpolation: str = "bilinear",
+        color_jitter: Sequence[float] = (0.0, 0.0, 0.0, 0.0),
+        color_jitter_p: float = 0.0,
+        grayscale_p: float = 0.0,
         seed: int | None = 0,
     ) -> None:
         super().__init__()
@@ -119,6 +123,9 @@ class ReIDDataModule(LightningDataModule):
             "random_erasing_p": random_erasing_p,
             "erasing_value": erasing_value,
             "interpolation": interpolation,
+            "color_jitter": tuple(float(v) for v in color_jitter),
+            "color_jitter_p": color_jitter_p,
+            "grayscale_p": grayscale_p,
         }
         self.seed = 0 if seed is None else int(seed)  # a run with seed=null still needs one
         self.source_data: ReIDDataset | None = None

@@ -174,6 +174,18 @@ def test_auto_normalisation_per_domain_and_state_dict(tiny_synth) -> None:
     assert combined.iterables["source"].sampler.state_dict() == state["samplers"]["source"]
 
 
+def test_colour_augmentation_reaches_the_train_loaders_only(tiny_synth) -> None:
+    grey = dict(mean=[0.5] * 3, std=[0.25] * 3, grayscale_p=1.0, random_erasing_p=0.0,
+                color_jitter=[0.2, 0.2, 0.2, 0.05], color_jitter_p=1.0)  # fmt: skip
+    dm = _dm(tiny_synth, target=True, **grey)
+    batch, _, _ = next(iter(dm.train_dataloader()))
+    for domain in ("source", "target"):
+        x = batch[domain]["img"]
+        assert torch.equal(x[:, 0], x[:, 1]) and torch.equal(x[:, 1], x[:, 2])
+    x = next(iter(dm.val_dataloader()))["img"]  # evaluation images keep their colours
+    assert not torch.equal(x[:, 0], x[:, 1])
+
+
 def test_bad_arguments(tiny_synth) -> None:
     with pytest.raises(ValueError, match="'name' and 'root'"):
         ReIDDataModule({"root": "x"})

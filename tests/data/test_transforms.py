@@ -77,11 +77,62 @@ def test_flip_pad_crop_and_erasing() -> None:
     assert changed.any() and (erased[:, changed] == 0).all()  # erased with the mean (0)
 
 
+def _plain(**kwargs) -> object:
+    return build_transforms(32, 16, True, flip_p=0, pad=0, random_erasing_p=0, **kwargs)
+
+
+def test_grayscale_gives_equal_channels_of_the_luma() -> None:
+    img = _gradient_image(32, 16)
+    grey = _plain(grayscale_p=1.0, mean=(0, 0, 0), std=(1, 1, 1))(img)
+    assert torch.equal(grey[0], grey[1]) and torch.equal(grey[1], grey[2])
+    # ITU-R 601 luma of the RGB input (torchvision's rgb_to_grayscale), up to uint8 rounding
+    rgb = torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 255
+    luma = 0.2989 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]
+    torch.testing.assert_close(grey[0], luma, atol=1 / 255 + 1e-6, rtol=0)
+    # off (p=0) or zero strength: the colour steps are not even in the pipeline
+    assert torch.equal(_plain(grayscale_p=0.0)(img), build_transforms(32, 16, False)(img))
+    no_jitter = _plain(color_jitter=(0, 0, 0, 0), color_jitter_p=1.0)
+    assert torch.equal(no_jitter(img), build_transforms(32, 16, False)(img))
+
+
+def test_color_jitter_changes_colours_but_not_geometry() -> None:
+    img = _gradient_image(32, 16)
+    test = build_transforms(32, 16, False, mean=(0, 0, 0), std=(1, 1, 1))(img)
+    jitter = _plain(
+        color_jitter=(0.4, 0.4, 0.4, 0.1), color_jitter_p=1.0, mean=(0, 0, 0), std=(1, 1, 1)
+    )
+    torch.manual_seed(0)
+    outs = torch.stack([jitter(img) for _ in range(8)])
+    assert (outs - test).abs().amax((1, 2, 3)).min() > 0.01  # every draw recolours the image
+    assert outs.min() >= 0 and outs.max() <= 1  # stays a valid image before normalising
+    # brightness only: a per-image factor in [0.6, 1.4] on every pixel (up to clipping/rounding)
+    bright = _plain(color_jitter=(0.4, 0, 0, 0), color_jitter_p=1.0, mean=(0, 0, 0), std=(1, 1, 1))
+    for _ in range(5):
+        out = bright(img)
+        inside = (test > 0.1) & (out < 0.99)
+        factor = out[inside] / test[inside]
+        assert 0.6 - 0.02 <= factor.median() <= 1.4 + 0.02
+        assert (factor - factor.median()).abs().max() < 0.05 + 2 / (255 * 0.1)
+    # applied with probability color_jitter_p
+    torch.manual_seed(1)
+    half = _plain(
+        color_jitter=(0.4, 0.4, 0.4, 0.1), color_jitter_p=0.5, mean=(0, 0, 0), std=(1, 1, 1)
+    )
+    unchanged = sum(bool(torch.equal(half(img), test)) for _ in range(200))
+    assert 70 <= unchanged <= 130
+
+
 def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match="3 values"):
         build_transforms(8, 4, True, mean=(0.5,), std=(0.5,))
     with pytest.raises(ValueError, match="interpolation"):
         build_transforms(8, 4, True, interpolation="lanczos")
+    with pytest.raises(ValueError, match="color_jitter needs 4"):
+        build_transforms(8, 4, True, color_jitter=(0.4, 0.4, 0.4))
+    with pytest.raises(ValueError, match="hue <= 0.5"):
+        build_transforms(8, 4, True, color_jitter=(0, 0, 0, 0.7))
+    with pytest.raises(ValueError, match="grayscale_p must be a probability"):
+        build_transforms(8, 4, True, grayscale_p=1.5)
 
 
 def test_compute_mean_std_hand_computed(tmp_path: Path) -> None:
