@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import hydra
 import pytest
 import torch
 from hydra.errors import ConfigCompositionException
@@ -20,6 +21,7 @@ SUPERVISED_EXPERIMENTS = sorted(
     if not p.stem.endswith("_mar") and not p.stem.startswith("msmt17")
 )
 ALL_EXPERIMENTS = sorted(p.stem for p in Path(CONF_DIR, "experiment").glob("*.yaml"))
+SCHEDULERS = sorted(p.stem for p in Path(CONF_DIR, "scheduler").glob("*.yaml"))
 
 
 def test_default_run_end_to_end(make_cfg, tiny_data_root):
@@ -72,11 +74,16 @@ def test_every_experiment_composes_with_its_recipe(experiment, make_cfg):
     assert cfg.experiment_name == experiment
     assert cfg.data.batch_size % cfg.data.num_instances == 0
     recipes = {
-        "market_triplet": ("data.batch_size", 72),
         "market_bot": ("scheduler.milestones", [40, 70]),
         "msmt17_to_market_mar": ("data.target_batch_size", 184),
         "msmt17_to_duke_mar": ("data.height", 384),
         "synthetic_triplet": ("loss.margin", 0.3),
+        # the recipes' schedules are scheduler options of their own (see the test below)
+        "market_triplet": ("scheduler.decay_start", 80),
+        "market_aligned": ("scheduler.decay_start", 75),
+        "msmt17_source_pretrain": ("scheduler.milestones", [30]),
+        "synthetic_source_pretrain": ("scheduler.milestones", [8, 11]),
+        "synthetic_mar": ("scheduler.milestones", [4, 6]),
     }
     if experiment in recipes:
         key, value = recipes[experiment]
@@ -84,6 +91,17 @@ def test_every_experiment_composes_with_its_recipe(experiment, make_cfg):
         for part in key.split("."):
             node = node[part]
         assert node == value, key
+
+
+@pytest.mark.parametrize("experiment", ALL_EXPERIMENTS)
+def test_every_scheduler_option_composes_on_top_of_every_experiment(experiment, make_cfg):
+    """`experiment=X scheduler=Y` must work for every pair: an experiment that overrode fields of
+    its own scheduler (e.g. `decay_start`) would inject them into Y and break its constructor."""
+    for scheduler in SCHEDULERS:
+        cfg = make_cfg([f"experiment={experiment}", f"scheduler={scheduler}"])
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        sched = hydra.utils.instantiate(cfg.scheduler)(optimizer)
+        assert isinstance(sched, torch.optim.lr_scheduler.LRScheduler), (experiment, scheduler)
 
 
 def test_resume_restores_training_exactly(make_cfg, tiny_data_root, tmp_path):
