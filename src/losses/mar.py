@@ -41,10 +41,10 @@ __all__ = [
     "soft_multilabel",
 ]
 
-# Elements (rows x cols x K) materialised per chunk by the pairwise L1 helpers. Small on the CPU
-# so that a chunk stays in cache (measured ~2x faster than scipy's pdist at 184 x 4101), large on
-# accelerators so that a batch needs only a few kernels.
-_CHUNK_ELEMENTS_CPU = 1 << 21
+# Output elements (rows x cols) per chunk of the pairwise L1 helpers. `torch.cdist(p=1)` never
+# materialises the rows x cols x K differences (6x faster than a broadcast |a - b| sum at
+# 184 x 4101 on the CPU), so a chunk only bounds the output block.
+_CHUNK_ELEMENTS_CPU = 1 << 22
 _CHUNK_ELEMENTS_DEVICE = 1 << 26
 
 
@@ -128,15 +128,19 @@ def log_soft_multilabel(features: Tensor, agents: Tensor, scale: float = 30.0) -
         return torch.log_softmax(_scaled_similarity(features, agents, scale), dim=1)
 
 
-def _chunk_rows(
-    rows: int, cols: int, dim: int, device: torch.device, chunk_size: int | None
-) -> int:
+def _chunk_rows(rows: int, cols: int, device: torch.device, chunk_size: int | None) -> int:
     if chunk_size is not None:
         if chunk_size < 1:
             raise ValueError(f"`chunk_size` must be >= 1, got {chunk_size}")
         return chunk_size
     budget = _CHUNK_ELEMENTS_CPU if device.type == "cpu" else _CHUNK_ELEMENTS_DEVICE
-    return max(1, min(rows, budget // max(1, cols * dim)))
+    return max(1, min(rows, budget // max(1, cols)))
+
+
+def _l1_distances(a: Tensor, b: Tensor, step: int) -> Tensor:
+    """(N, M) L1 distances between the rows of ``a`` and ``b``, ``step`` rows of ``a`` at a time."""
+    blocks = [torch.cdist(rows.unsqueeze(0), b.unsqueeze(0), p=1)[0] for rows in a.split(step)]
+    return torch.cat(blocks) if blocks else a.new_zeros(0, b.shape[0])
 
 
 def pairwise_agreement(a: Tensor, b: Tensor | None = None, chunk_size: int | None = None) -> Tensor:
@@ -147,7 +151,7 @@ def pairwise_agreement(a: Tensor, b: Tensor | None = None, chunk_size: int | Non
     Args:
         a: (N, K) multilabels.
         b: (M, K) multilabels; ``None`` means ``a``.
-        chunk_size: rows of ``a`` per chunk (each chunk materialises chunk·M·K values);
+        chunk_size: rows of ``a`` per chunk (each chunk holds a chunk·M block of distances);
             ``None`` picks a size from the device.
 
     Returns:
@@ -159,9 +163,8 @@ def pairwise_agreement(a: Tensor, b: Tensor | None = None, chunk_size: int | Non
     with _autocast_disabled(a.device):
         dtype = _compute_dtype(a, b)
         a, b = a.to(dtype), b.to(dtype)
-        step = _chunk_rows(a.shape[0], b.shape[0], a.shape[1], a.device, chunk_size)
-        l1 = [(rows[:, None, :] - b[None, :, :]).abs().sum(-1) for rows in a.split(step)]
-        return 1 - torch.cat(l1) / 2 if l1 else a.new_zeros(0, b.shape[0])
+        step = _chunk_rows(a.shape[0], b.shape[0], a.device, chunk_size)
+        return 1 - _l1_distances(a, b, step) / 2
 
 
 def condensed_pairwise_agreement(x: Tensor, chunk_size: int | None = None) -> Tensor:
@@ -180,13 +183,13 @@ def condensed_pairwise_agreement(x: Tensor, chunk_size: int | None = None) -> Te
     n = x.shape[0]
     with _autocast_disabled(x.device):
         x = x.to(_compute_dtype(x))
-        full = x.new_empty(n, n)
-        step = _chunk_rows(n, n, x.shape[1], x.device, chunk_size)
-        # Python loop over a number of chunks fixed by the batch size (not by the data).
+        full = x.new_zeros(n, n)
+        step = _chunk_rows(n, n, x.device, chunk_size)
+        # Python loop over a number of chunks fixed by the batch size (not by the data); each
+        # chunk of rows is compared with the columns from its first row on (upper triangle).
         for start in range(0, n, step):
             stop = min(start + step, n)
-            diff = x[start:stop, None, :] - x[None, start:, :]
-            full[start:stop, start:] = diff.abs().sum(-1)
+            full[start:stop, start:] = _l1_distances(x[start:stop], x[start:], stop - start)
         rows, cols = torch.triu_indices(n, n, offset=1, device=x.device)
         return 1 - full[rows, cols] / 2
 

@@ -20,16 +20,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from src.losses.mar import pairwise_agreement
+
 
 def num_mined_pairs(num_items: int, mining_ratio: float) -> int:
     """k = floor(C(N, 2) * ratio), the rank of the threshold among all pairs (at least 1)."""
     total = num_items * (num_items - 1) // 2
     return max(1, math.floor(total * mining_ratio))
-
-
-def _agreements_block(rows: Tensor, cols: Tensor) -> Tensor:
-    """Agreement 1 - |y_i - y_j|_1 / 2 between (r, K) and (c, K) multilabels -> (r, c)."""
-    return 1.0 - torch.cdist(rows.unsqueeze(0), cols.unsqueeze(0), p=1).squeeze(0) / 2.0
 
 
 @torch.no_grad()
@@ -52,7 +49,8 @@ def kth_largest_agreement(multilabels: Tensor, k: int, chunk_size: int = 1024) -
     best = y.new_empty(0)
     for start in range(0, n - 1, chunk_size):
         stop = min(start + chunk_size, n - 1)
-        block = _agreements_block(y[start:stop], y[start + 1 :])  # (r, n - start - 1)
+        # (r, n - start - 1) agreements of rows start..stop-1 with every later row
+        block = pairwise_agreement(y[start:stop], y[start + 1 :], chunk_size=stop - start)
         # keep pairs i < j: row r (item start + r) pairs with columns >= r
         r = torch.arange(stop - start, device=y.device).unsqueeze(1)
         c = torch.arange(n - start - 1, device=y.device).unsqueeze(0)
