@@ -9,7 +9,7 @@ from typing import NamedTuple
 
 from torch import Tensor
 
-from .base import FP32Loss, fp32_compute
+from .base import BatchHardLoss, fp32_compute
 from .functional import (
     batch_local_dist,
     euclidean_dist,
@@ -39,7 +39,7 @@ class AlignedTripletStats(NamedTuple):
     n_inds: Tensor
 
 
-class AlignedTripletLoss(FP32Loss):
+class AlignedTripletLoss(BatchHardLoss):
     """Global batch-hard triplet loss plus the aligned local triplet loss of the same triplets.
 
     Hard positives/negatives are mined on the global Euclidean distances only (as in the
@@ -57,22 +57,6 @@ class AlignedTripletLoss(FP32Loss):
     ``(global_loss, local_loss)``, two scalars; the caller weights and sums them. Computes in
     fp32 under autocast.
     """
-
-    def __init__(
-        self,
-        margin: float | None = 0.3,
-        normalize_feature: bool = False,
-        *,
-        check_negatives: bool = True,
-    ) -> None:
-        super().__init__()
-        if margin is not None and margin < 0:
-            raise ValueError(
-                f"AlignedTripletLoss: margin must be >= 0 or None (soft margin), got {margin}"
-            )
-        self.margin = margin
-        self.normalize_feature = normalize_feature
-        self.check_negatives = check_negatives
 
     @fp32_compute
     def forward_with_stats(

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-__all__ = ["FP32Loss", "fp32_compute", "upcast"]
+__all__ = ["BatchHardLoss", "FP32Loss", "fp32_compute", "upcast"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -79,3 +79,30 @@ class FP32Loss(nn.Module):
             wrapped = fp32_compute(forward)
             wrapped._fp32_compute = True  # type: ignore[attr-defined]
             cls.forward = wrapped  # type: ignore[method-assign]
+
+
+class BatchHardLoss(FP32Loss):
+    """Base of the batch-hard triplet losses (:class:`~src.losses.TripletLoss`,
+    :class:`~src.losses.AlignedTripletLoss`): their shared options and checks.
+
+    Args:
+        margin: hinge margin (>= 0), or ``None`` for the soft margin (softplus).
+        normalize_feature: L2-normalise the features before computing distances.
+        check_negatives: validate that the batch has >= 2 identities (one boolean host read).
+    """
+
+    def __init__(
+        self,
+        margin: float | None = 0.3,
+        normalize_feature: bool = False,
+        *,
+        check_negatives: bool = True,
+    ) -> None:
+        super().__init__()
+        if margin is not None and margin < 0:
+            raise ValueError(
+                f"{type(self).__name__}: margin must be >= 0 or None (soft margin), got {margin}"
+            )
+        self.margin = margin
+        self.normalize_feature = normalize_feature
+        self.check_negatives = check_negatives

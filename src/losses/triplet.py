@@ -8,7 +8,7 @@ from typing import NamedTuple
 
 from torch import Tensor
 
-from .base import FP32Loss, fp32_compute
+from .base import BatchHardLoss, fp32_compute
 from .functional import euclidean_dist, hard_example_mining, normalize, triplet_ranking_loss
 
 __all__ = ["TripletLoss", "TripletStats"]
@@ -29,7 +29,7 @@ class TripletStats(NamedTuple):
     n_inds: Tensor
 
 
-class TripletLoss(FP32Loss):
+class TripletLoss(BatchHardLoss):
     """Batch-hard triplet loss with hard or soft margin.
 
     For each anchor the hardest positive (largest Euclidean distance, the anchor itself
@@ -50,22 +50,6 @@ class TripletLoss(FP32Loss):
 
     Shapes: ``forward(inputs (N, D), targets (N,)) -> ()``. Computes in fp32 under autocast.
     """
-
-    def __init__(
-        self,
-        margin: float | None = 0.3,
-        normalize_feature: bool = False,
-        *,
-        check_negatives: bool = True,
-    ) -> None:
-        super().__init__()
-        if margin is not None and margin < 0:
-            raise ValueError(
-                f"TripletLoss: margin must be >= 0 or None (soft margin), got {margin}"
-            )
-        self.margin = margin
-        self.normalize_feature = normalize_feature
-        self.check_negatives = check_negatives
 
     @fp32_compute
     def from_distances(self, dist_ap: Tensor, dist_an: Tensor) -> Tensor:

@@ -10,6 +10,7 @@ import torch
 from omegaconf import DictConfig, open_dict
 
 from src.eval import evaluate, extract_split_features, load_system_from_checkpoint
+from src.train import train
 from tests.conftest import tiny_overrides
 from tests.scale._wandb_file import OfflineRun, read_offline_run
 
@@ -39,6 +40,15 @@ def attach_recorder(cfg: DictConfig, out_dir: Path) -> None:
             "_target_": "tests.scale._callbacks.BatchRecorder",
             "out_dir": str(out_dir),
         }
+
+
+def train_recorded(cfg: DictConfig, out_dir: Path, ranks: int = 1) -> tuple[dict, dict, list]:
+    """Train `cfg` with the BatchRecorder attached; returns (metrics, objects, the per-rank
+    records `rank{r}.pt` of ranks 0..ranks-1)."""
+    attach_recorder(cfg, out_dir)
+    metrics, objects = train(cfg)
+    records = [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(ranks)]
+    return metrics, objects, records
 
 
 def single_process_eval(

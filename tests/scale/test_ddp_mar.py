@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from src.train import train
-from tests.scale._helpers import attach_recorder, mar_overrides, single_process_eval
+from tests.scale._helpers import mar_overrides, single_process_eval, train_recorded
 
 BUFFERS = ("memory", "memory_visited", "threshold", "center_mean", "center_std")
 
@@ -27,10 +26,7 @@ def test_mar_ddp_spawn_two_cpu_processes(make_cfg, tiny_data_root, stage1_ckpt, 
             "data.target_batch_size=8",
         ]
     )
-    attach_recorder(cfg, tmp_path / "ranks")
-    metrics, _ = train(cfg)
-
-    ranks = [torch.load(tmp_path / "ranks" / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    metrics, _, ranks = train_recorded(cfg, tmp_path / "ranks", ranks=2)
     steps = len(ranks[0]["pids"])
     assert steps == len(ranks[1]["pids"]) >= 2
     for rank in ranks:
@@ -57,9 +53,7 @@ def test_mar_bf16_mixed_cpu(make_cfg, tiny_data_root, stage1_ckpt, tmp_path):
             "+trainer.limit_train_batches=2",
         ]
     )
-    attach_recorder(cfg, tmp_path / "ranks")
-    metrics, objects = train(cfg)
-    record = torch.load(tmp_path / "ranks" / "rank0.pt", weights_only=True)
+    metrics, objects, (record,) = train_recorded(cfg, tmp_path / "ranks")
     assert record["precision"] == "bf16-mixed"
     assert record["feature_dtypes"] == ["torch.bfloat16"]
     for key in ("loss", "loss_al", "loss_rj", "loss_cml", "loss_mdl"):

@@ -18,6 +18,7 @@ from tests.scale._helpers import (
     offline_runs,
     reference_features,
     single_process_eval,
+    train_recorded,
 )
 
 
@@ -150,9 +151,7 @@ def test_supervised_bf16_mixed_cpu(make_cfg, tiny_data_root, tmp_path):
             "test=false",
         ]
     )
-    attach_recorder(cfg, tmp_path / "ranks")
-    metrics, objects = train(cfg)
-    record = torch.load(tmp_path / "ranks" / "rank0.pt", weights_only=True)
+    metrics, objects, (record,) = train_recorded(cfg, tmp_path / "ranks")
     assert record["precision"] == "bf16-mixed"
     assert record["feature_dtypes"] == ["torch.bfloat16"]
     for key in ("train/loss_epoch", "train/loss_tri_epoch", "train/loss_ce_epoch"):

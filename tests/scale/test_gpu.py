@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from src.train import train
 from tests.conftest import tiny_overrides
-from tests.scale._helpers import DDP_DATA, attach_recorder, mar_overrides, single_process_eval
+from tests.scale._helpers import DDP_DATA, mar_overrides, single_process_eval, train_recorded
 
 pytestmark = [
     pytest.mark.gpu,
@@ -31,9 +30,7 @@ def test_supervised_fp16_amp_on_cuda(make_cfg, tiny_data_root, tmp_path):
             "scheduler.warmup_epochs=0",
         ]
     )
-    attach_recorder(cfg, tmp_path / "ranks")
-    metrics, objects = train(cfg)
-    record = torch.load(tmp_path / "ranks" / "rank0.pt", weights_only=True)
+    metrics, objects, (record,) = train_recorded(cfg, tmp_path / "ranks")
     assert record["precision"] == "16-mixed" and record["feature_dtypes"] == ["torch.float16"]
     assert objects["trainer"].precision_plugin.scaler is not None  # dynamic loss scaling
     for key in ("train/loss_epoch", "train/loss_tri_epoch", "train/loss_ce_epoch"):
@@ -53,9 +50,7 @@ def test_mar_fp16_amp_on_cuda(make_cfg, tiny_data_root, stage1_ckpt, tmp_path):
             "+trainer.limit_train_batches=2",
         ]
     )
-    attach_recorder(cfg, tmp_path / "ranks")
-    metrics, objects = train(cfg)
-    record = torch.load(tmp_path / "ranks" / "rank0.pt", weights_only=True)
+    metrics, objects, (record,) = train_recorded(cfg, tmp_path / "ranks")
     assert record["feature_dtypes"] == ["torch.float16"]
     for key in ("loss", "loss_al", "loss_rj", "loss_cml", "loss_mdl"):
         assert torch.isfinite(torch.tensor(metrics[f"train/{key}_epoch"])), key
@@ -77,9 +72,7 @@ def test_supervised_cuda_ddp_two_gpus(make_cfg, tiny_data_root, tmp_path):
             "scheduler.warmup_epochs=0",
         ]
     )
-    attach_recorder(cfg, tmp_path / "ranks")
-    metrics, _ = train(cfg)
-    ranks = [torch.load(tmp_path / "ranks" / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    metrics, _, ranks = train_recorded(cfg, tmp_path / "ranks", ranks=2)
     for step in range(len(ranks[0]["pids"])):
         pids = [set(r["pids"][step].tolist()) for r in ranks]
         assert not pids[0] & pids[1], step
