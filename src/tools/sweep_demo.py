@@ -12,8 +12,8 @@ ratio) into the sweep directory, so the sweep is readable without W&B.
 
     python -m src.tools.sweep_demo                          # logs/sweep_demo/<time>/
     python -m src.tools.sweep_demo --quick --out /tmp/demo  # the tiny version (tests)
-    python -m src.tools.sweep_demo --stage1-ckpt logs/mar_demo/seed0/stage1/checkpoints/last.ckpt \\
-        --image-size 128 64                                 # reuse a stage-1 model
+    python -m src.tools.sweep_demo \\
+        --stage1-ckpt logs/mar_demo/seed0/stage1/checkpoints/last.ckpt  # reuse a stage-1 model
     python -m src.tools.sweep_demo --margins 0.5 1.0 1.5 --mining-ratios 0.005 0.01 0.02
 
 The numbers of so short runs differ by little more than noise: the demo shows the machinery (one
@@ -23,15 +23,14 @@ command, one directory per job, one summary); real studies sweep full-length run
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 from src.tools import summarize_sweep
+from src.tools.stages import run_stage
 
 METRIC = "test/mAP"  # MAR evaluates once, after the last epoch, on the target B
 X_KEY = "loss.margin"
@@ -120,21 +119,6 @@ def build_plan(args: argparse.Namespace) -> DemoPlan:
     return DemoPlan(out, stage1, stage1_ckpt, stage2, out / "sweep")
 
 
-def _run(cmd: list[str], log: Path) -> None:
-    """One stage as its own process, exactly the CLI a user would type; its output goes to `log`
-    (the last lines are shown if it fails)."""
-    print("$", " ".join(cmd), flush=True)
-    print(f"  (progress: tail -f {log})", flush=True)
-    start = time.perf_counter()
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as f:
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=False)
-    if proc.returncode != 0:
-        tail = "\n".join(log.read_text().splitlines()[-40:])
-        raise SystemExit(f"sweep_demo: stage failed (exit {proc.returncode}), log {log}:\n{tail}")
-    print(f"  done in {time.perf_counter() - start:.0f} s (log: {log})", flush=True)
-
-
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m src.tools.sweep_demo",
@@ -197,8 +181,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     plan.out.mkdir(parents=True, exist_ok=True)
     if plan.stage1 is not None:
-        _run([*train, *plan.stage1], plan.out / "stage1.log")
-    _run([*train, "-m", *plan.stage2], plan.out / "sweep.log")
+        run_stage([*train, *plan.stage1], plan.out / "stage1.log")
+    run_stage([*train, "-m", *plan.stage2], plan.out / "sweep.log")
     print("$", " ".join(_summary_argv(plan)), flush=True)
     return summarize_sweep.main(_summary_argv(plan)[3:])
 
