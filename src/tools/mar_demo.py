@@ -7,7 +7,7 @@ same protocol on B's query/gallery (cosine distance, as MAR). Prints the three-r
 (mean ± std over seeds) and writes `results.json` (metrics and stage times per seed) and
 `results.md` into the output folder.
 
-    python -m src.tools.mar_demo                    # seed 0 (about 10 minutes on 2 CPU cores)
+    python -m src.tools.mar_demo                    # seed 0 (about 13 minutes on 2 CPU cores)
     python -m src.tools.mar_demo --seeds 0 1 2      # the study in docs/results.md
     python -m src.tools.mar_demo --quick --out /tmp/mar_demo   # tiny data, 1 epoch (tests)
     python -m src.tools.mar_demo trainer.max_epochs=4          # extra overrides for every run

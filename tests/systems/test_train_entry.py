@@ -83,7 +83,7 @@ def test_every_experiment_composes_with_its_recipe(experiment, make_cfg):
         "market_aligned": ("scheduler.decay_start", 75),
         "msmt17_source_pretrain": ("scheduler.milestones", [30]),
         "synthetic_source_pretrain": ("scheduler.milestones", [8, 11]),
-        "synthetic_mar": ("scheduler.milestones", [4, 6]),
+        "synthetic_mar": ("scheduler.milestones", [11, 16]),
     }
     if experiment in recipes:
         key, value = recipes[experiment]
