@@ -46,6 +46,7 @@ __all__ = [
 # 184 x 4101 on the CPU), so a chunk only bounds the output block.
 _CHUNK_ELEMENTS_CPU = 1 << 22
 _CHUNK_ELEMENTS_DEVICE = 1 << 26
+_TRIANGLE_ROWS_CPU = 16
 
 
 # ----------------------------------------------------------------------------------------------
@@ -184,9 +185,14 @@ def condensed_pairwise_agreement(x: Tensor, chunk_size: int | None = None) -> Te
     with _autocast_disabled(x.device):
         x = x.to(_compute_dtype(x))
         full = x.new_zeros(n, n)
-        step = _chunk_rows(n, n, x.device, chunk_size)
-        # Python loop over a number of chunks fixed by the batch size (not by the data); each
-        # chunk of rows is compared with the columns from its first row on (upper triangle).
+        # Blocks of rows against the columns from their first row on (upper triangle): small
+        # blocks skip most of the lower half. On the CPU 16 rows measured fastest (31 ms at
+        # 184 x 4101 against 57 ms for one full block); each pair's value does not depend on the
+        # blocking (bitwise). A Python loop over a number of blocks fixed by the batch size.
+        if chunk_size is None and x.device.type == "cpu":
+            step = min(n, _TRIANGLE_ROWS_CPU) if n else 1
+        else:
+            step = _chunk_rows(n, n, x.device, chunk_size)
         for start in range(0, n, step):
             stop = min(start + step, n)
             full[start:stop, start:] = _l1_distances(x[start:stop], x[start:], stop - start)

@@ -4,7 +4,7 @@ MAR is the mode that has both knobs: the RJ margin (``loss.margin``) and the MDL
 (``loss.mining_ratio``). The demo trains one stage-1 model (source pretraining on A) and runs a
 Hydra multirun of stage 2 (MAR, A -> unlabelled B) over the 2 x 2 grid from that one checkpoint,
 so the four jobs differ only in the two swept values. Everything is shrunk to run on 2 CPU cores
-(64 x 32 images, a few epochs: roughly 10-15 minutes; ``--quick``: the tiny synthetic preset,
+(64 x 32 images, a few epochs: about 7 minutes; ``--quick``: the tiny synthetic preset,
 one epoch, one to two minutes). Each job writes its own directory ``<out>/sweep/<n>/``; then
 ``python -m src.tools.summarize_sweep <out>/sweep --metric test/mAP`` prints the table and writes
 ``sweep_summary.csv`` and ``sweep_summary.png`` (test/mAP against the margin, one line per mining

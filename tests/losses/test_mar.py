@@ -661,3 +661,12 @@ def test_joint_loss_dense_path_matches_sparse_gather(monkeypatch):
     torch.testing.assert_close(sparse, dense, **TOL)
     for a, b in zip(g_sparse, g_dense):
         torch.testing.assert_close(a, b, **TOL)
+
+
+def test_condensed_agreement_does_not_depend_on_the_blocking():
+    """The CPU default (16-row triangle blocks) and one full block give bitwise equal values, so
+    the chunking (a speed choice) never changes which pairs MDL mines."""
+    x = torch.softmax(torch.randn(53, 40, generator=torch.Generator().manual_seed(3)) * 3, 1)
+    blocked = condensed_pairwise_agreement(x)
+    assert torch.equal(blocked, condensed_pairwise_agreement(x, chunk_size=53))
+    assert torch.equal(blocked, condensed_pairwise_agreement(x, chunk_size=7))
