@@ -42,8 +42,8 @@ __all__ = [
 ]
 
 # Output elements (rows x cols) per chunk of the pairwise L1 helpers. `torch.cdist(p=1)` never
-# materialises the rows x cols x K differences (6x faster than a broadcast |a - b| sum at
-# 184 x 4101 on the CPU), so a chunk only bounds the output block.
+# materialises the rows x cols x K differences (the full 184 x 184 x 4101 block: 57 ms against
+# 232 ms for a chunked broadcast |a - b| sum on the CPU), so a chunk only bounds the output block.
 _CHUNK_ELEMENTS_CPU = 1 << 22
 _CHUNK_ELEMENTS_DEVICE = 1 << 26
 _TRIANGLE_ROWS_CPU = 16
@@ -190,7 +190,7 @@ def condensed_pairwise_agreement(x: Tensor, chunk_size: int | None = None) -> Te
         # 184 x 4101 against 57 ms for one full block); each pair's value does not depend on the
         # blocking (bitwise). A Python loop over a number of blocks fixed by the batch size.
         if chunk_size is None and x.device.type == "cpu":
-            step = min(n, _TRIANGLE_ROWS_CPU) if n else 1
+            step = max(1, min(n, _TRIANGLE_ROWS_CPU))
         else:
             step = _chunk_rows(n, n, x.device, chunk_size)
         for start in range(0, n, step):
