@@ -54,6 +54,19 @@ def tiny_overrides(data_root: Path, train: bool = True) -> list[str]:
     return overrides
 
 
+def tiny_mar_overrides(data_root: Path, pretrained: Path | str) -> list[str]:
+    """MAR stage 2 (experiment=synthetic_mar) on the tiny A -> B data from a stage-1 checkpoint."""
+    return [
+        "experiment=synthetic_mar",
+        *tiny_overrides(data_root),
+        "+data.target.preset=tiny",
+        "data.target_batch_size=16",
+        f"system.pretrained_ckpt={pretrained}",
+        # 16 target images: C(16,2) x 0.005 = 0 pairs; 0.05 mines 6 pairs per step
+        "loss.mining_ratio=0.05",
+    ]
+
+
 @pytest.fixture
 def make_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
     """Compose `conf/<config_name>.yaml` with overrides, as `python -m src.train` would."""

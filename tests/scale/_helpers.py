@@ -11,7 +11,7 @@ from omegaconf import DictConfig, open_dict
 
 from src.eval import evaluate, extract_split_features, load_system_from_checkpoint
 from src.train import train
-from tests.conftest import tiny_overrides
+from tests.conftest import tiny_mar_overrides, tiny_overrides
 from tests.scale._wandb_file import OfflineRun, read_offline_run
 
 # P x K = 4 x 2 per rank: the 12 tiny identities (4-6 images each) give 3 global batches.
@@ -19,15 +19,9 @@ DDP_DATA = ["data.batch_size=8", "data.num_instances=2"]
 
 
 def mar_overrides(data_root: Path, stage1: Path) -> list[str]:
-    """MAR stage 2, one epoch, on the tiny A -> B data from a stage-1 checkpoint."""
+    """MAR stage 2, one epoch without warm-up, on the tiny A -> B data from a stage-1 checkpoint."""
     return [
-        "experiment=synthetic_mar",
-        *tiny_overrides(data_root),
-        "+data.target.preset=tiny",
-        "data.target_batch_size=16",
-        f"system.pretrained_ckpt={stage1}",
-        # 16 target images per global batch: C(16, 2) x 0.05 = 6 mined pairs per step
-        "loss.mining_ratio=0.05",
+        *tiny_mar_overrides(data_root, stage1),
         "system.warmup_epochs=0",
         "trainer.max_epochs=1",
     ]

@@ -14,20 +14,8 @@ from omegaconf import open_dict
 from src.data import build_dataset
 from src.systems import MARModule, TripletReIDModule
 from src.train import train
-from tests.conftest import tiny_overrides
+from tests.conftest import tiny_mar_overrides, tiny_overrides
 from tests.systems._mar_helpers import save_stage1
-
-
-def stage2_overrides(data_root: Path, pretrained: Path | str) -> list[str]:
-    return [
-        "experiment=synthetic_mar",
-        *tiny_overrides(data_root),
-        "+data.target.preset=tiny",
-        "data.target_batch_size=16",
-        f"system.pretrained_ckpt={pretrained}",
-        # 16 target images: C(16,2) x 0.005 = 0 pairs; 0.05 mines 6 pairs per step
-        "loss.mining_ratio=0.05",
-    ]
 
 
 @pytest.fixture
@@ -74,14 +62,14 @@ def test_stage1_source_pretrain_fast_dev_run(tiny_data_root, make_cfg, tmp_path)
     # its weights load into the stage-2 module
     path = tmp_path / "stage1_from_run.ckpt"
     torch.save({"state_dict": system.state_dict()}, path)
-    stage2 = make_cfg(stage2_overrides(tiny_data_root, path))
+    stage2 = make_cfg(tiny_mar_overrides(tiny_data_root, path))
     assert stage2.system.pretrained_ckpt == str(path)
 
 
 def test_stage2_fast_dev_run(tiny_data_root, make_cfg, stage1_ckpt):
     cfg = make_cfg(
         [
-            *stage2_overrides(tiny_data_root, stage1_ckpt),
+            *tiny_mar_overrides(tiny_data_root, stage1_ckpt),
             "+trainer.fast_dev_run=true",
             "system.warmup_epochs=0",
         ]
@@ -109,14 +97,14 @@ def test_stage2_fast_dev_run(tiny_data_root, make_cfg, stage1_ckpt):
 
 def test_stage2_missing_pretrained_fails_before_training(tiny_data_root, make_cfg, tmp_path):
     missing = tmp_path / "no_stage1.ckpt"
-    cfg = make_cfg([*stage2_overrides(tiny_data_root, missing), "+trainer.fast_dev_run=true"])
+    cfg = make_cfg([*tiny_mar_overrides(tiny_data_root, missing), "+trainer.fast_dev_run=true"])
     with pytest.raises(FileNotFoundError, match=str(missing)):
         train(cfg)
 
 
 def test_stage2_resume_restores_state(tiny_data_root, make_cfg, stage1_ckpt, tmp_path, monkeypatch):
     base = [
-        *stage2_overrides(tiny_data_root, stage1_ckpt),
+        *tiny_mar_overrides(tiny_data_root, stage1_ckpt),
         "+trainer.limit_train_batches=1",
         "test=false",
         "system.warmup_epochs=0",
@@ -161,7 +149,7 @@ def test_eval_on_a_stage2_checkpoint(tiny_data_root, make_cfg, stage1_ckpt):
     from src.eval import evaluate
 
     base = [
-        *stage2_overrides(tiny_data_root, stage1_ckpt),
+        *tiny_mar_overrides(tiny_data_root, stage1_ckpt),
         "+trainer.limit_train_batches=1",
         "test=false",
         "trainer.max_epochs=1",
@@ -215,7 +203,7 @@ def test_stage2_ddp_spawn_two_cpu_processes(tiny_data_root, make_cfg, stage1_ckp
     T and centres end identical on both ranks after global-batch steps."""
     cfg = make_cfg(
         [
-            *stage2_overrides(tiny_data_root, stage1_ckpt),
+            *tiny_mar_overrides(tiny_data_root, stage1_ckpt),
             "trainer=ddp_cpu",
             "trainer.devices=2",
             "+trainer.fast_dev_run=true",
