@@ -1,7 +1,8 @@
 """Training entry point: `python -m src.train [experiment=...] [key=value ...]`.
 
 Only instantiates and wires: datamodule, system (LightningModule), callbacks, loggers, trainer;
-fits; tests the best checkpoint; returns the metric named by `optimized_metric` for sweepers.
+fits; tests the last (or, with `test_ckpt=best`, the best-on-validation) checkpoint; returns the
+metric named by `optimized_metric` for sweepers.
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ from omegaconf import DictConfig
 from src.utils import (
     RankedLogger,
     extras,
-    get_metric_value,
     instantiate_callbacks,
     instantiate_loggers,
     print_results_table,
+    sweep_metric_value,
     task_wrapper,
 )
+from src.utils.checkpoints import check_checkpoint_file, check_test_ckpt, test_checkpoint
 from src.utils.config import (
     data_kwargs_for,
     log_hyperparameters,
@@ -50,6 +52,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     # The classifier size (and MAR's memory size) depend on the data: set up before the model.
     datamodule.prepare_data()
     datamodule.setup("fit")
+    check_test_ckpt(cfg, datamodule)
 
     log.info(f"Instantiating system <{cfg.system._target_}>")
     system: L.LightningModule = hydra.utils.instantiate(
@@ -64,23 +67,20 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     log_hyperparameters(objects)
 
     if cfg.get("train"):
+        ckpt_path = cfg.get("ckpt_path")
+        if ckpt_path:
+            check_checkpoint_file(ckpt_path, "ckpt_path")
         log.info("Starting training")
-        trainer.fit(model=system, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        trainer.fit(model=system, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = _to_float_dict(trainer.callback_metrics)
 
     if cfg.get("test"):
-        ckpt_path = None
-        if trainer.checkpoint_callback is not None:
-            ckpt_path = trainer.checkpoint_callback.best_model_path or None
-        if ckpt_path is None:
-            log.warning("No best checkpoint found: testing the current weights")
-        else:
-            log.info(f"Testing the best checkpoint {ckpt_path}")
+        label, ckpt_path = test_checkpoint(trainer, cfg.get("test_ckpt", "last"))
+        log.info(f"Testing {label}" + (f": {ckpt_path}" if ckpt_path else ""))
         trainer.test(model=system, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
         test_metrics = _to_float_dict(trainer.callback_metrics)
         metrics.update({k: v for k, v in test_metrics.items() if k.startswith("test/")})
-        label = "test (best checkpoint)" if ckpt_path else "test (current weights)"
-        rows = {label: {k[5:]: v for k, v in metrics.items() if k.startswith("test/")}}
+        rows = {f"test ({label})": {k[5:]: v for k, v in metrics.items() if k.startswith("test/")}}
         print_results_table(rows)
 
     if trainer.is_global_zero:
@@ -97,7 +97,7 @@ def main(cfg: DictConfig) -> float | None:
     metrics, _ = train(cfg)
     if not cfg.get("train"):  # a test-only run has no training metric to optimise
         return None
-    return get_metric_value(metrics, cfg.get("optimized_metric"))
+    return sweep_metric_value(metrics, cfg.get("optimized_metric"))
 
 
 if __name__ == "__main__":

@@ -73,9 +73,9 @@ class RankListLogger(EvalPictureCallback):
         self._last_drawn[stage] = outputs
         if not trainer.is_global_zero:
             return
-        eval_data = trainer.datamodule.eval_data
+        query, gallery = trainer.datamodule.eval_records(stage)
         # evaluation indices: query i -> i, gallery j -> num_query + j (ImageDataset.query_gallery)
-        records = [*eval_data.query, *eval_data.gallery]
+        records = [*query, *gallery]
         ranks = outputs.ranklist
         num_q = len(ranks.query_index)
         rows = torch.linspace(0, num_q - 1, min(self.num_queries, num_q)).round().long()

@@ -8,6 +8,8 @@ an initialised torch.distributed, else 1 and 0), so ``setup()`` may run before t
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -19,10 +21,23 @@ from torch.utils.data import DataLoader, Sampler
 
 from src.data.datasets import ReIDDataset, build_dataset
 from src.data.image_dataset import ImageDataset
+from src.data.records import ReIDRecord
 from src.data.samplers import DistributedPKSampler, ShardedSampler
+from src.data.seeding import SeededDataset, SeededSampler, loader_generator
 from src.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transforms, cached_mean_std
+from src.data.val_split import hold_out_identities, official_validation
+from src.data.validation import (
+    DataValidationError,
+    evaluation_problems,
+    find_unreadable,
+    ids_with_fewer_images,
+)
+
+log = logging.getLogger(__name__)
 
 Stats = Sequence[float] | Literal["auto", "imagenet"] | None
+# One private generator stream per loader (see :func:`loader_generator`).
+_LOADER_STREAMS = {"source": 1, "target": 2, "eval": 3, "target_init": 4}
 
 
 class ReIDDataModule(LightningDataModule):
@@ -59,6 +74,17 @@ class ReIDDataModule(LightningDataModule):
         flip_p, pad, random_erasing_p, erasing_value, interpolation, color_jitter, color_jitter_p,
             grayscale_p: see :func:`build_transforms`.
         seed: base seed of all samplers (identical on every rank; None -> 0).
+        val_ids: validation split of held-out *training* identities (supervised runs): a count
+            (>= 1) or a fraction of the training ids, chosen by `seed`, built like a Market-1501
+            test split (:mod:`src.data.val_split`); ``"official"`` uses the dataset's own list
+            (MSMT17 ``list_val.txt`` with ``include_val: false``); 0 = off: validation then runs
+            on the test split (``val_is_test``), for monitoring only.
+        verify_images: decode every image at setup (threads, progress bar) and raise listing
+            every unreadable file.
+
+    ``setup`` fails before any training, naming the dataset and split, when a split cannot be
+    evaluated (empty query or gallery, no query with a cross-camera match, no camera ids;
+    :func:`~src.data.validation.evaluation_problems`).
     """
 
     def __init__(
@@ -86,6 +112,8 @@ class ReIDDataModule(LightningDataModule):
         color_jitter_p: float = 0.0,
         grayscale_p: float = 0.0,
         seed: int | None = 0,
+        val_ids: int | float | str = 0,
+        verify_images: bool = False,
     ) -> None:
         super().__init__()
         for name, spec in (("source", source), ("target", target)):
@@ -128,11 +156,24 @@ class ReIDDataModule(LightningDataModule):
             "grayscale_p": grayscale_p,
         }
         self.seed = 0 if seed is None else int(seed)  # a run with seed=null still needs one
+        if val_ids and target is not None:
+            raise ValueError(
+                "data.val_ids holds out source identities for supervised runs; domain adaptation "
+                "validates on the target (set data.val_ids=0)"
+            )
+        if isinstance(val_ids, str) and val_ids != "official":
+            raise ValueError(f"data.val_ids must be a number or 'official', got {val_ids!r}")
+        self.val_ids = val_ids
+        self.verify_images = verify_images
+        #: the source training records (without the held-out validation identities)
+        self.source_train: list[ReIDRecord] | None = None
+        #: (query, gallery) of the validation split, None when validation runs on the test split
+        self.val_split: tuple[list[ReIDRecord], list[ReIDRecord]] | None = None
         self.source_data: ReIDDataset | None = None
         self.target_data: ReIDDataset | None = None
         # Normalisation per domain ("source"/"target"): resolved in setup, checkpointed.
         self.stats: dict[str, tuple[list[float], list[float]]] = {}
-        self._samplers: dict[str, Sampler] = {}
+        self._samplers: dict[str, SeededSampler] = {}
         self._sampler_states: dict[str, dict[str, Any]] = {}
 
     # ----------------------------------------------------------------------------- setup
@@ -146,14 +187,95 @@ class ReIDDataModule(LightningDataModule):
                     cached_mean_std(data.train, self.height, self.width, cache_dir=data.root)
 
     def setup(self, stage: str | None = None) -> None:
-        """Parse the datasets and resolve the normalisation statistics (idempotent)."""
+        """Parse the datasets, hold out the validation split, check that every split can be
+        used (errors name the dataset and split) and resolve the normalisation (idempotent)."""
+        parsed = False
         if self.source_data is None:
-            self.source_data = build_dataset(**self.source_spec)
+            data = build_dataset(**self.source_spec)
+            self.source_train, self.val_split = self._split_validation(data)
+            self.source_data, parsed = data, True
         if self.target_spec is not None and self.target_data is None:
-            self.target_data = build_dataset(**self.target_spec)
+            self.target_data, parsed = build_dataset(**self.target_spec), True
+        if parsed:
+            self._check_data()
         for domain, data in (("source", self.source_data), ("target", self.target_data)):
             if data is not None and domain not in self.stats:
                 self.stats[domain] = self._resolve_stats(data)
+
+    def _split_validation(
+        self, data: ReIDDataset
+    ) -> tuple[list[ReIDRecord], tuple[list[ReIDRecord], list[ReIDRecord]] | None]:
+        if not self.val_ids:
+            return data.train, None
+        if self.val_ids == "official":
+            if data.val is None:
+                raise ValueError(
+                    f"data.val_ids=official: {data.display_name} at {data.root} has no official "
+                    "validation list (MSMT17 has one: set data.source.include_val=false)"
+                )
+            return data.train, official_validation(data.val, self.seed)
+        train, query, gallery = hold_out_identities(data.train, self.val_ids, self.seed)
+        return train, (query, gallery)
+
+    def _check_data(self) -> None:
+        """Raise :class:`DataValidationError` for splits that cannot be used; warn about P x K."""
+        eval_data = self.eval_data
+        where = f"{eval_data.display_name} at {eval_data.root}"
+        problems = evaluation_problems(eval_data.query, eval_data.gallery, f"{where} (test split)")
+        if self.val_split is not None and self.target_data is None:
+            problems += evaluation_problems(
+                *self.val_split, f"{where} (validation split, data.val_ids={self.val_ids})"
+            )
+        source = self.source_data
+        train = self.source_train or []
+        if not train:
+            problems.append(f"{source.display_name} at {source.root}: the train split is empty")  # type: ignore[union-attr]
+        if self.target_data is not None and not self.target_data.train:
+            target = self.target_data
+            problems.append(f"{target.display_name} at {target.root}: the train split is empty")
+        short = ids_with_fewer_images(train, self.num_instances)
+        if short:
+            log.warning(
+                f"{short} of {len({r.pid for r in train})} training identities have fewer "
+                f"than K=data.num_instances={self.num_instances} images: their P x K chunks "
+                "repeat images (drawn with replacement)"
+            )
+        if problems:
+            raise DataValidationError("cannot use this data:\n  " + "\n  ".join(problems))
+        if self.verify_images:
+            self._verify_images()
+
+    def _verify_images(self) -> None:
+        records = [
+            *(self.source_train or []),
+            *(r for split in (self.val_split or ()) for r in split),
+            *(r for d in (self.source_data, self.target_data) if d is not None for r in d.query),
+            *(r for d in (self.source_data, self.target_data) if d is not None for r in d.gallery),
+        ]
+        if self.target_data is not None:
+            records += self.target_data.train
+        records = list({r.img_path: r for r in records}.values())
+        from tqdm.auto import tqdm
+
+        with tqdm(total=len(records), desc="data.verify_images", unit="img") as bar:
+            unreadable = find_unreadable(records, workers=os.cpu_count() or 2, progress=bar.update)
+        if unreadable:
+            raise DataValidationError(
+                f"data.verify_images: {len(unreadable)} of {len(records)} images cannot be "
+                "decoded:\n  " + "\n  ".join(unreadable)
+            )
+
+    @property
+    def val_is_test(self) -> bool:
+        """Whether validation runs on the test split (no held-out validation split)."""
+        return self.val_split is None
+
+    def eval_records(self, stage: str) -> tuple[list[ReIDRecord], list[ReIDRecord]]:
+        """(query, gallery) records that the `stage` ("val"/"test") loader serves, in order."""
+        self._require_setup()
+        if stage == "val" and self.val_split is not None:
+            return self.val_split
+        return self.eval_data.query, self.eval_data.gallery
 
     def _resolve_stats(self, data: ReIDDataset) -> tuple[list[float], list[float]]:
         if self.mean == "auto":
@@ -175,9 +297,10 @@ class ReIDDataModule(LightningDataModule):
 
     @property
     def num_classes(self) -> int:
-        """Number of source training identities (classifier size)."""
+        """Number of source training identities (classifier size; held-out validation ids
+        excluded)."""
         self._require_setup()
-        return self.source_data.num_train_pids  # type: ignore[union-attr]
+        return len({r.pid for r in self.source_train or []})
 
     @property
     def num_target_train(self) -> int | None:
@@ -208,24 +331,28 @@ class ReIDDataModule(LightningDataModule):
     def _loader(
         self, dataset: ImageDataset, batch_size: int, sampler: Sampler, name: str, drop_last: bool
     ) -> DataLoader:
-        if name in self._sampler_states and hasattr(sampler, "load_state_dict"):
-            sampler.load_state_dict(self._sampler_states.pop(name))
-        self._samplers[name] = sampler
+        """A training loader: every sample's augmentation is seeded by the sampler
+        (:mod:`src.data.seeding`), so a resumed run replays it with any number of workers."""
+        seeded = SeededSampler(sampler)
+        if name in self._sampler_states:
+            seeded.load_state_dict(self._sampler_states.pop(name))
+        self._samplers[name] = seeded
         return DataLoader(
-            dataset,
+            SeededDataset(dataset),
             batch_size=batch_size,
-            sampler=sampler,
+            sampler=seeded,
             drop_last=drop_last,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,
+            generator=loader_generator(self.seed, _LOADER_STREAMS[name], self._world()[1]),
         )
 
     # ----------------------------------------------------------------------- dataloaders
     def _source_loader(self) -> DataLoader:
         self._require_setup()
         world, rank = self._world()
-        records = self.source_data.train  # type: ignore[union-attr]
+        records = self.source_train or []
         dataset = ImageDataset(records, self._transform("source", train=True))
         sampler: Sampler
         if self.target_data is None or self.source_sampler == "pk":
@@ -267,14 +394,11 @@ class ReIDDataModule(LightningDataModule):
             )
         return CombinedLoader({"source": source, "target": target}, mode="max_size_cycle")
 
-    def _eval_loader(self) -> DataLoader:
-        self._require_setup()
+    def _eval_loader(self, stage: str) -> DataLoader:
         world, rank = self._world()
-        data = self.eval_data
+        query, gallery = self.eval_records(stage)
         domain = "target" if self.target_data is not None else "source"
-        dataset = ImageDataset.query_gallery(
-            data.query, data.gallery, self._transform(domain, train=False)
-        )
+        dataset = ImageDataset.query_gallery(query, gallery, self._transform(domain, train=False))
         sampler = ShardedSampler(len(dataset), world, rank, shuffle=False, seed=self.seed)
         return DataLoader(
             dataset,
@@ -282,15 +406,17 @@ class ReIDDataModule(LightningDataModule):
             sampler=sampler,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
+            generator=loader_generator(self.seed, _LOADER_STREAMS["eval"], rank),
         )
 
     def val_dataloader(self) -> DataLoader:
-        """Query + gallery of the evaluation domain (``is_query`` per sample), sharded."""
-        return self._eval_loader()
+        """Query + gallery of the validation split (``is_query`` per sample), sharded; the test
+        split of the evaluation domain when there is no validation split (``val_is_test``)."""
+        return self._eval_loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        """Same as :meth:`val_dataloader`."""
-        return self._eval_loader()
+        """Query + gallery of the evaluation domain's test split, sharded."""
+        return self._eval_loader("test")
 
     def target_init_dataloader(
         self, augment: bool = True, batch_size: int | None = None
@@ -311,22 +437,43 @@ class ReIDDataModule(LightningDataModule):
         dataset = ImageDataset(self.target_data.train, self._transform("target", train=augment))
         sampler = ShardedSampler(len(dataset), world, rank, shuffle=True, seed=self.seed + 2)
         return DataLoader(
-            dataset,
+            SeededDataset(dataset),
             batch_size=batch_size or self.target_batch_size,
-            sampler=sampler,
+            sampler=SeededSampler(sampler),
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
+            generator=loader_generator(self.seed, _LOADER_STREAMS["target_init"], rank),
         )
 
     # ------------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:
-        """Normalisation statistics and sampler states (epoch, iteration counter)."""
-        samplers = {
-            name: s.state_dict() for name, s in self._samplers.items() if hasattr(s, "state_dict")
-        }
+        """Normalisation statistics and, per training loader, where its next pass starts.
+
+        A checkpoint written inside a training epoch (``every_n_train_steps``) records the epoch,
+        the pass and the number of samples of that pass already trained on; one written at the
+        end of an epoch points at the next epoch's first pass. Restoring it replays the loaders'
+        order and augmentation from exactly there (:class:`SeededSampler`)."""
         return {
             "stats": {k: [list(m), list(s)] for k, (m, s) in self.stats.items()},
-            "samplers": samplers,
+            "samplers": {name: self._resume_point(name, s) for name, s in self._samplers.items()},
+        }
+
+    def _resume_point(self, name: str, sampler: SeededSampler) -> dict[str, Any]:
+        state: dict[str, Any] = dict(sampler.state_dict())
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or trainer.state.fn != "fit" or name not in ("source", "target"):
+            return state
+        # Batches of this epoch trained on so far (prefetched ones are not counted).
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        if done >= trainer.num_training_batches:  # end of the epoch: the next one starts afresh
+            return {**state, "epoch": trainer.current_epoch + 1, "iteration": 0, "skip": 0}
+        batch = self.batch_size if name == "source" else self.target_batch_size
+        per_pass = len(sampler) // batch  # a cycled (target) loader makes several passes
+        return {
+            **state,
+            "epoch": trainer.current_epoch,
+            "iteration": done // per_pass,
+            "skip": (done % per_pass) * batch,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -336,7 +483,7 @@ class ReIDDataModule(LightningDataModule):
         self._sampler_states = dict(state_dict.get("samplers", {}))
         for name, state in list(self._sampler_states.items()):
             if name in self._samplers:
-                self._samplers[name].load_state_dict(state)  # type: ignore[attr-defined]
+                self._samplers[name].load_state_dict(state)
                 del self._sampler_states[name]
 
     def __repr__(self) -> str:

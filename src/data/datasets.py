@@ -64,6 +64,7 @@ class ReIDDataset:
         self.skipped: dict[str, dict[str, int]] = {
             split: {"junk": 0, "distractor": 0} for split in ("train", "query", "gallery")
         }
+        self.val_items: RawItems | None = None
         train, query, gallery = self._parse()
         if self.has_distractors:
             train = self._drop_distractors(train, "train")
@@ -72,7 +73,13 @@ class ReIDDataset:
             offset = 0 if self.shared_id_space else max((p for _, p, _ in train), default=-1) + 1
             extra = [(path, pid + offset, cam) for path, pid, cam in query + gallery]
             train = train + [item for item in extra if item[1] != DISTRACTOR_PID + offset]
-        self.train: list[ReIDRecord] = make_records(relabel(train))
+        labels = relabel(train + (self.val_items or []))
+        self.train: list[ReIDRecord] = make_records(labels[: len(train)])
+        #: a dataset's own validation images (MSMT17 list_val with include_val=False), else None;
+        #: their pids use the training labels.
+        self.val: list[ReIDRecord] | None = (
+            None if self.val_items is None else make_records(labels[len(train) :])
+        )
         self.query: list[ReIDRecord] = make_records(query)
         self.gallery: list[ReIDRecord] = make_records(gallery)
 
@@ -263,8 +270,11 @@ class MSMT17(ReIDDataset):
         lists = ["list_train.txt", "list_val.txt", "list_query.txt", "list_gallery.txt"]
         paths = {name: self._require_file(os.path.join(self.root, name)) for name in lists}
         train = self._parse_list(paths["list_train.txt"], train_dir, "train")
+        val = self._parse_list(paths["list_val.txt"], train_dir, "train")
         if self.include_val:
-            train += self._parse_list(paths["list_val.txt"], train_dir, "train")
+            train += val
+        else:  # the official validation images (data.val_ids=official), train pids as labels
+            self.val_items = val
         # MSMT17 has no distractors and numbers test ids from 0: shift them by one so that pid 0
         # keeps meaning "distractor" in every dataset's gallery.
         query = self._parse_list(paths["list_query.txt"], test_dir, "query", pid_offset=1)
@@ -307,10 +317,11 @@ _INT_NAME = re.compile(r"^-?\d+$", flags=re.ASCII)
 class ImageFolderReID(ReIDDataset):
     """A generic folder-of-identities layout for users' own data.
 
-    Layout: ``ROOT/{train,query,gallery}/<identity>/<image>``. Identity folder names that are
-    integers keep their value (``-1`` = junk, dropped; ``0``/``0000`` = distractors, gallery only);
-    other names (``alice``) get integer ids after the largest integer name, in sorted order over all
-    splits, so that the same name is the same person everywhere.
+    Layout: ``ROOT/{train,query,gallery}/<identity>/<image>``. Every identity folder is an
+    identity, whatever its name (``0``, ``-1`` and ``0000`` included: junk and distractor labels
+    exist only in the Market-1501/DukeMTMC formats). Names get ids 1, 2, ... in sorted order over
+    all splits (integer names by value first, then the others), so that the same name is the
+    same person everywhere; 0 stays free (the distractor id of the other formats).
 
     The camera comes from a ``c<N>`` token in the file name, tokens being separated by ``_``, ``-``,
     ``.`` or spaces (``cam_c3_0001.jpg``, ``0002_c1s1_000451_03.jpg``); the numbers N found over
@@ -320,10 +331,11 @@ class ImageFolderReID(ReIDDataset):
     """
 
     display_name = "image folder"
+    has_distractors = False
     layout = (
         "  ROOT/train/<identity>/<image>.jpg ...   (e.g. ROOT/train/0001/0001_c1_0003.jpg)\n"
         "  ROOT/query/<identity>/<image>.jpg ...\n"
-        "  ROOT/gallery/<identity>/<image>.jpg ... (identity 0 = distractors, -1 = junk)\n"
+        "  ROOT/gallery/<identity>/<image>.jpg ... (every folder name is an identity)\n"
         "  camera: a c<N> token in the file name (c1, c2, ...), else camera 0"
     )
 
@@ -345,24 +357,18 @@ class ImageFolderReID(ReIDDataset):
                     if is_image_file(img):
                         files[split].append((os.path.join(id_dir, img), name, _camera_number(img)))
         names = {name for items in files.values() for _, name, _ in items}
-        int_names = [int(n) for n in names if _INT_NAME.match(n)]
-        next_id = max(int_names, default=0) + 1
-        pid_of = {n: int(n) for n in names if _INT_NAME.match(n)}
-        for offset, name in enumerate(sorted(n for n in names if not _INT_NAME.match(n))):
-            pid_of[name] = next_id + offset
+        ints = sorted((n for n in names if _INT_NAME.match(n)), key=lambda n: (int(n), n))
+        others = sorted(n for n in names if not _INT_NAME.match(n))
+        pid_of = {name: i for i, name in enumerate([*ints, *others], start=1)}
         cams = sorted({c for items in files.values() for _, _, c in items if c is not None})
         camid_of = {c: i for i, c in enumerate(cams)}
-        out: dict[str, RawItems] = {}
-        for split, items in files.items():
-            out[split] = []
-            for path, name, cam in items:
-                pid = pid_of[name]
-                if pid == JUNK_PID:
-                    self.skipped[split]["junk"] += 1
-                    continue
-                if pid < JUNK_PID:
-                    raise FileNameError(f"{os.path.dirname(path)}: identity must be >= -1")
-                out[split].append((path, pid, 0 if cam is None else camid_of[cam]))
+        out: dict[str, RawItems] = {
+            split: [
+                (path, pid_of[name], 0 if cam is None else camid_of[cam])
+                for path, name, cam in items
+            ]
+            for split, items in files.items()
+        }
         return out["train"], out["query"], out["gallery"]
 
 

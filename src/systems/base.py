@@ -16,6 +16,7 @@ from torchmetrics.utilities import dim_zero_cat
 from src.metrics import RankList, ReIDMetric
 from src.systems.optim import build_optimizer
 from src.systems.steps import extract_embeddings
+from src.utils.rng import gather_rng_states, set_rng_states
 
 EVAL_KEYS = ("rank1", "rank5", "rank10", "mAP", "mINP")
 EVAL_STAGES = ("val", "test")
@@ -82,6 +83,34 @@ class ReIDSystem(L.LightningModule):
         # stage -> (rank-list length, keep features): what callbacks asked evaluation to keep
         self._eval_requests: dict[str, tuple[int, bool]] = {}
         self.eval_outputs: dict[str, EvalOutputs] = {}
+        self._rng_to_restore: dict[str, Any] | None = None
+
+    # ----------------------------------------------------------------- exact resume
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Every rank's global RNG states (python, numpy, torch CPU/CUDA) go into the
+        checkpoint: what the model draws (dropout, ...) continues exactly after a resume."""
+        checkpoint["rng_states"] = gather_rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get("rng_states")
+        if not states:
+            return
+        rank = self.global_rank
+        if len(states) != self.trainer.world_size:
+            rank_zero_warn(
+                f"the checkpoint holds the RNG states of {len(states)} process(es), this run has "
+                f"{self.trainer.world_size}: the resumed run is not bit-identical to an "
+                "uninterrupted one"
+            )
+        self._rng_to_restore = states[rank] if rank < len(states) else None
+
+    def on_train_start(self) -> None:
+        # Restored here, the last hook before the first resumed batch: nothing between the save
+        # in the interrupted run and its next batch drew from these generators either (the
+        # loaders have generators of their own, src.data.seeding).
+        if self._rng_to_restore is not None:
+            set_rng_states(self._rng_to_restore)
+            self._rng_to_restore = None
 
     def request_eval_outputs(self, stage: str, ranklist_k: int = 0, features: bool = False) -> None:
         """Ask each evaluation of `stage` ("val"/"test") to keep an :class:`EvalOutputs` in

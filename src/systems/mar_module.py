@@ -256,6 +256,7 @@ class MARModule(ReIDSystem):
         # strategy, so a resumed run sees mar_initialised=True and neither reads the stage-1
         # checkpoint nor recomputes the initialisation. Loading in place keeps the parameters
         # the optimizer and DDP already hold; every rank reads the same file.
+        super().on_train_start()  # restores the RNG states of a resumed run
         if self.initialised:
             return
         if self._pretrained_path is None:  # not loaded by hand before fit

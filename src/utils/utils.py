@@ -81,3 +81,30 @@ def get_metric_value(metric_dict: Mapping[str, Any], metric_name: str | None) ->
         )
     value = metric_dict[metric_name]
     return float(value.item() if hasattr(value, "item") else value)
+
+
+def sweep_metric_value(metric_dict: Mapping[str, Any], metric_name: str | None) -> float | None:
+    """The value returned to a Hydra sweeper: `metric_name`'s, or None with a warning when the run
+    never logged it (a short or debug run that did not validate).
+
+    A sweeper that optimises the value (Optuna) would record a meaningless trial: for it the
+    missing metric stays an error (:func:`get_metric_value`'s KeyError)."""
+    if not metric_name or metric_name in metric_dict or _sweeper_optimises():
+        return get_metric_value(metric_dict, metric_name)
+    log.warning(
+        f"optimized_metric={metric_name!r} was not logged (no validation ran in this run?); "
+        "nothing is returned to the sweeper"
+    )
+    return None
+
+
+def _sweeper_optimises() -> bool:
+    """Whether this is a Hydra multirun whose sweeper optimises the returned value (Optuna)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return False
+    hydra_cfg = HydraConfig.get()
+    sweeper = str(hydra_cfg.get("sweeper", {}).get("_target_", ""))
+    return hydra_cfg.get("mode") == RunMode.MULTIRUN and "optuna" in sweeper.lower()
