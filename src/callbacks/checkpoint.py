@@ -76,7 +76,9 @@ class VerifiedModelCheckpoint(ModelCheckpoint):
         if trainer.is_global_zero:
             after = _file_signature(filepath)
             if after is None or after[2] == 0 or after == before:
-                state = "is missing" if after is None else "is empty" if after[2] == 0 else "unchanged"
+                state = (
+                    "is missing" if after is None else "is empty" if after[2] == 0 else "unchanged"
+                )
                 error = (
                     f"checkpoint {filepath} was not written ({state} after the save): check that "
                     f"{os.path.dirname(filepath) or '.'} is writable and the disk is not full"

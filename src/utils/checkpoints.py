@@ -83,7 +83,8 @@ def test_checkpoint(trainer: L.Trainer, choice: str) -> tuple[str, str | None]:
                 "test_ckpt=best: no best checkpoint was saved (is callbacks.best_checkpoint on, "
                 "and did a validation run log its monitor?)"
             )
-        return f"best checkpoint by {best[0].monitor} on the validation split", best[0].best_model_path
+        label = f"best checkpoint by {best[0].monitor} on the validation split"
+        return label, best[0].best_model_path
     last = [cb for cb in _callbacks(trainer, LastCheckpoint) if os.path.isfile(cb.last_path)]
     if last:
         return "last checkpoint", last[0].last_path
