@@ -8,6 +8,7 @@ asked), prints a table and writes `metrics.json` and `ranklist.png` into the run
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,13 @@ from src.metrics.functional import (
 from src.metrics.ranklist import plot_ranklist
 from src.systems.steps import extract_embeddings
 from src.utils import RankedLogger, extras, print_results_table, task_wrapper
-from src.utils.config import DATA_DERIVED_KWARGS, data_kwargs_for, register_resolvers
+from src.utils.checkpoints import check_checkpoint_file
+from src.utils.config import (
+    DATA_DERIVED_KWARGS,
+    data_kwargs_for,
+    quote_home_paths,
+    register_resolvers,
+)
 
 log = RankedLogger(__name__)
 register_resolvers()
@@ -33,11 +40,7 @@ register_resolvers()
 
 def load_system_from_checkpoint(cfg: DictConfig, datamodule: Any) -> L.LightningModule:
     """Instantiate `cfg.system` and load `cfg.ckpt_path` into it, with errors naming the file."""
-    path = Path(cfg.ckpt_path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"ckpt_path={path} does not exist (expected a Lightning .ckpt file)"
-        )
+    path = check_checkpoint_file(cfg.ckpt_path, "ckpt_path")
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     if "state_dict" not in checkpoint:
         raise ValueError(f"ckpt_path={path} is not a Lightning checkpoint (no 'state_dict' key)")
@@ -156,4 +159,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv = quote_home_paths(sys.argv)
     main()

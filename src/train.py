@@ -8,6 +8,7 @@ metric named by `optimized_metric` for sweepers.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from src.utils.checkpoints import check_checkpoint_file, check_test_ckpt, test_c
 from src.utils.config import (
     data_kwargs_for,
     log_hyperparameters,
+    quote_home_paths,
     register_resolvers,
     validate_config,
 )
@@ -69,7 +71,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     if cfg.get("train"):
         ckpt_path = cfg.get("ckpt_path")
         if ckpt_path:
-            check_checkpoint_file(ckpt_path, "ckpt_path")
+            ckpt_path = str(check_checkpoint_file(ckpt_path, "ckpt_path"))
         log.info("Starting training")
         trainer.fit(model=system, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = _to_float_dict(trainer.callback_metrics)
@@ -101,4 +103,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    sys.argv = quote_home_paths(sys.argv)
     main()

@@ -3,12 +3,14 @@
 ``python -m src.data.check ROOT --format market1501 [--option key=value ...] [--no-decode]``
 
 Parses the layout (errors name the missing path or the bad file name), prints per-split counts of
-identities, cameras and images, decodes every image and lists the unreadable files, and warns about
-queries that have no gallery image of the same identity in another camera (the Market-1501
-protocol skips them).
+identities, images, cameras, distractors and junk, decodes every image and lists the unreadable
+files, and warns about queries that have no gallery image of the same identity in another camera
+(the Market-1501 protocol skips them).
 
-Exit status: 0 = fine, 1 = problems found (unreadable images, empty split), 2 = the dataset
-cannot be parsed (missing folder/list file, bad file name) or bad arguments.
+Exit status: 0 = fine, 1 = problems found (unreadable images, an empty split, a test split that
+cannot be evaluated: no query with a cross-camera match, no camera ids; the same checks as
+training's, src/data/validation.py), 2 = the dataset cannot be parsed (missing folder/list file,
+bad file name) or bad arguments.
 """
 
 from __future__ import annotations
@@ -16,36 +18,16 @@ from __future__ import annotations
 import argparse
 import ast
 import sys
-from collections import defaultdict
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from src.data.datasets import DATASETS, ReIDDataset, build_dataset
-from src.data.image_io import read_image
-from src.data.records import DatasetLayoutError, FileNameError, ImageReadError, ReIDRecord
-
-
-def find_unreadable(records: Sequence[ReIDRecord], workers: int = 4) -> list[str]:
-    """Error messages (each naming its file) of the records whose image cannot be decoded."""
-
-    def check(record: ReIDRecord) -> str | None:
-        try:
-            read_image(record.img_path)
-        except ImageReadError as e:
-            return str(e)
-        return None
-
-    with ThreadPoolExecutor(max(workers, 1)) as pool:  # PIL releases the GIL while decoding
-        return [msg for msg in pool.map(check, records) if msg is not None]
-
-
-def queries_without_match(data: ReIDDataset) -> int:
-    """Queries with no gallery image of their identity taken by another camera."""
-    cams_of: dict[int, set[int]] = defaultdict(set)
-    for r in data.gallery:
-        cams_of[r.pid].add(r.camid)
-    return sum(not (cams_of.get(q.pid, set()) - {q.camid}) for q in data.query)
+from src.data.datasets import DATASETS, build_dataset
+from src.data.records import DatasetLayoutError, FileNameError
+from src.data.validation import (
+    evaluation_problems,
+    find_unreadable,
+    queries_without_match,
+)
 
 
 def _parse_option(text: str) -> tuple[str, Any]:
@@ -93,13 +75,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     skipped = {split: s["junk"] for split, s in data.skipped.items() if s["junk"]}
     print(f"  junk images skipped (pid -1): {skipped or 0}")
     problems: list[str] = []
-    for split, s in stats.items():
-        if s["images"] == 0:
+    for split, counts in stats.items():
+        if counts["images"] == 0 and split == "train":
             problems.append(f"split {split!r} is empty")
     if stats["train"]["ids"] == 1:
         problems.append("the train split has a single identity")
-    unmatched = queries_without_match(data)
-    if unmatched:
+    problems += evaluation_problems(data.query, data.gallery, "test split")
+    unmatched = queries_without_match(data.query, data.gallery)
+    if unmatched and unmatched < len(data.query):
         print(
             f"WARNING: {unmatched} of {len(data.query)} queries have no gallery image of their "
             "identity from another camera; the Market-1501 protocol ignores them"

@@ -411,4 +411,4 @@ def build_dataset(name: str, root: str | os.PathLike[str], **kwargs: Any) -> ReI
     """
     if name not in DATASETS:
         raise KeyError(f"unknown dataset {name!r}; known: {', '.join(sorted(DATASETS))}")
-    return DATASETS[name](str(root), **kwargs)
+    return DATASETS[name](os.path.expandvars(os.path.expanduser(str(root))), **kwargs)

@@ -16,6 +16,7 @@ from torchmetrics.utilities import dim_zero_cat
 from src.metrics import RankList, ReIDMetric
 from src.systems.optim import build_optimizer
 from src.systems.steps import extract_embeddings
+from src.utils.precision import check_bf16_forward
 from src.utils.rng import gather_rng_states, set_rng_states
 
 EVAL_KEYS = ("rank1", "rank5", "rank10", "mAP", "mINP")
@@ -90,8 +91,17 @@ class ReIDSystem(L.LightningModule):
         """Every rank's global RNG states (python, numpy, torch CPU/CUDA) go into the
         checkpoint: what the model draws (dropout, ...) continues exactly after a resume."""
         checkpoint["rng_states"] = gather_rng_states()
+        # best-so-far values (torchmetrics keeps metric states out of the state_dict)
+        checkpoint["val_best"] = {
+            "mAP": self.val_map_best.max_value.detach().cpu(),
+            "rank1": self.val_rank1_best.max_value.detach().cpu(),
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        best = checkpoint.get("val_best")
+        if best is not None:
+            self.val_map_best.max_value.copy_(best["mAP"])
+            self.val_rank1_best.max_value.copy_(best["rank1"])
         states = checkpoint.get("rng_states")
         if not states:
             return
@@ -103,6 +113,17 @@ class ReIDSystem(L.LightningModule):
                 "uninterrupted one"
             )
         self._rng_to_restore = states[rank] if rank < len(states) else None
+
+    def on_fit_start(self) -> None:
+        """bf16 self-check on CPU (src/utils/precision.py): stop, or apply the documented
+        workaround, before training on silently wrong bf16 features."""
+        trainer = self.trainer
+        if str(trainer.precision).startswith("bf16") and self.device.type == "cpu":
+            dm = trainer.datamodule
+            shape = (4, 3, getattr(dm, "height", 256), getattr(dm, "width", 128))
+            warning = check_bf16_forward(self.net, shape)
+            if warning:
+                rank_zero_warn(warning)
 
     def on_train_start(self) -> None:
         # Restored here, the last hook before the first resumed batch: nothing between the save
@@ -143,7 +164,12 @@ class ReIDSystem(L.LightningModule):
                 results = metric.compute()
             except ValueError as err:
                 if self.trainer.sanity_checking or self._eval_is_truncated(stage):
-                    rank_zero_warn(f"{stage} evaluation skipped on a truncated loader: {err}")
+                    # the full split was checked at setup; only a cut-down loader gets here
+                    rank_zero_warn(
+                        f"{stage} evaluation skipped: the batches evaluated "
+                        f"(limit_{stage}_batches={self._eval_limit(stage)}, fast_dev_run, sanity "
+                        f"check) hold no query with a true match ({err}); {stage}/* not logged"
+                    )
                     return None
                 raise
             values = {k: float(results[k]) for k in EVAL_KEYS}
@@ -184,11 +210,12 @@ class ReIDSystem(L.LightningModule):
         outputs.pids, outputs.camids = pids[keep].cpu(), camids[keep].cpu()
         outputs.is_query, outputs.index = (is_query[keep] != 0).cpu(), index[keep].cpu()
 
+    def _eval_limit(self, stage: str) -> float | int:
+        trainer = self.trainer
+        return trainer.limit_val_batches if stage == "val" else trainer.limit_test_batches
+
     def _eval_is_truncated(self, stage: str) -> bool:
-        limit = (
-            self.trainer.limit_val_batches if stage == "val" else self.trainer.limit_test_batches
-        )
-        return bool(self.trainer.fast_dev_run) or limit != 1.0
+        return bool(self.trainer.fast_dev_run) or self._eval_limit(stage) != 1.0
 
     def on_validation_epoch_end(self) -> None:
         results = self._compute(self.val_metric, "val")

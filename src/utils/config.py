@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import inspect
+import os
+import re
+import types
+import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +68,8 @@ def validate_config(cfg: DictConfig) -> None:
             "Lightning's DistributedSamplerWrapper would break P x K batches under DDP"
         )
     _check_ddp_in_multirun(trainer)
+    _warn_oversubscribed_cpu(trainer)
+    check_argument_types(cfg)
 
 
 def _launches_processes(trainer: DictConfig) -> bool:
@@ -127,3 +134,95 @@ def log_hyperparameters(objects: dict[str, Any]) -> None:
     hparams["params/trainable"] = sum(p.numel() for p in system.parameters() if p.requires_grad)
     for logger in trainer.loggers:
         logger.log_hyperparams(hparams)
+
+
+def _warn_oversubscribed_cpu(trainer: DictConfig) -> None:
+    """More CPU processes than cores: every process competes for the same cores."""
+    if trainer.get("accelerator") != "cpu" or "ddp" not in str(trainer.get("strategy", "")):
+        return
+    devices, cores = trainer.get("devices", 1), os.cpu_count() or 1
+    if isinstance(devices, int) and devices * (trainer.get("num_nodes") or 1) > cores:
+        log.warning(
+            f"trainer.devices={devices} CPU processes on {cores} core(s): the ranks share the "
+            "cores and each runs slower than one process alone would"
+        )
+
+
+_NUMBER_TYPES = {int: "an integer", float: "a number"}
+
+
+def check_argument_types(cfg: DictConfig) -> None:
+    """A number-typed constructor argument given a string (``loss.margin=abc``) fails here,
+    naming the config key, instead of deep inside the constructor with a bare TypeError.
+
+    Every node with a ``_target_`` is checked against the target's signature (its annotations);
+    interpolated values are checked where they are defined.
+    """
+    for key, node in _target_nodes(cfg):
+        try:
+            target = hydra.utils.get_object(node["_target_"])
+            func = target.__init__ if inspect.isclass(target) else target
+            hints = typing.get_type_hints(func)
+        except Exception:  # an unimportable target fails with Hydra's own clear error later
+            continue
+        for name, hint in hints.items():
+            expected = _number_type(hint)
+            if expected is None or name not in node or OmegaConf.is_interpolation(node, name):
+                continue
+            value = node[name]
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+            if expected is int:
+                ok = ok and float(value).is_integer()
+            if value is not None and not ok:
+                raise TypeError(
+                    f"{key}.{name}={value!r}: expected {_NUMBER_TYPES[expected]} "
+                    f"({node['_target_']} argument {name!r})"
+                )
+
+
+def _number_type(hint: Any) -> type | None:
+    """int or float when `hint` is int, float, or one of them | None; else None."""
+    args = (
+        typing.get_args(hint)
+        if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
+        else (hint,)
+    )
+    args = tuple(a for a in args if a is not type(None))
+    if len(args) == 1 and args[0] in (int, float):
+        return args[0]
+    return None
+
+
+def _target_nodes(cfg: DictConfig, prefix: str = "") -> list[tuple[str, DictConfig]]:
+    found = []
+    for key in cfg:
+        if not prefix and key == "hydra":
+            continue
+        if OmegaConf.is_interpolation(cfg, key):
+            continue
+        child = cfg._get_node(key)  # type: ignore[union-attr]
+        if isinstance(child, DictConfig):
+            path = f"{prefix}{key}"
+            if "_target_" in child:
+                found.append((path, child))
+            found += _target_nodes(child, f"{path}.")
+    return found
+
+
+_TILDE_VALUE = re.compile(r"^([+~]{0,2}[\w.@/-]+)=(~[^'\"]*)$")
+
+
+def quote_home_paths(argv: Sequence[str]) -> list[str]:
+    """Quote override values that start with ``~`` (``paths.data_dir=~/datasets``): Hydra's
+    override grammar reads an unquoted ``~`` as a syntax error. The path is expanded where it
+    is used (:func:`expand_path`)."""
+    out = []
+    for arg in argv:
+        match = _TILDE_VALUE.match(arg)
+        out.append(f"{match.group(1)}='{match.group(2)}'" if match else arg)
+    return out
+
+
+def expand_path(path: str | os.PathLike[str]) -> str:
+    """``~`` and ``$VAR`` expanded."""
+    return os.path.expandvars(os.path.expanduser(str(path)))

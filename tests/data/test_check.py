@@ -50,7 +50,23 @@ def test_check_options_and_empty_split(make_dataset_files, capsys) -> None:
     (root / "gallery").mkdir()
     assert main([str(root), "--format", "folder", "--option", "combine_all=True"]) == 1
     out = capsys.readouterr().out
-    assert "split 'gallery' is empty" in out and "train   |     3 |" in out
+    assert "the gallery split is empty" in out and "train   |     3 |" in out
+
+
+def test_check_fails_on_unevaluable_test_splits(make_dataset_files, capsys) -> None:
+    """Exit 1 (not "OK") when no query can be evaluated: no camera tokens, or every query's
+    identity only in its own camera."""
+    files = ["train/0001/a_c1.jpg", "train/0002/b_c2.jpg"]
+    no_cams = make_dataset_files("nocams", files + ["query/7/q.jpg", "gallery/7/g.jpg"])
+    assert main([str(no_cams), "--format", "folder"]) == 1
+    assert "same camera id" in capsys.readouterr().out
+    same_cam = make_dataset_files(
+        "samecam", files + ["query/7/q_c1.jpg", "gallery/7/g_c1.jpg", "gallery/8/h_c2.jpg"]
+    )
+    assert main([str(same_cam), "--format", "folder"]) == 1
+    out = capsys.readouterr().out
+    assert "none of the 1 queries has a gallery image of its identity" in out
+    assert not out.rstrip().endswith("OK")
 
 
 @pytest.mark.parametrize("fmt, code", [("market1501", 0), ("msmt17", 2)])

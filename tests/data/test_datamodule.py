@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import CombinedLoader
 
 from src.data import ReIDDataModule
 from src.data.samplers import DistributedPKSampler, ShardedSampler
+from src.data.seeding import SeededSampler
 
 H, W = 32, 16
 
@@ -44,7 +45,8 @@ def test_supervised_batches(tiny_synth) -> None:
     assert dm.num_classes == 12 and dm.num_target_train is None and dm.target_data is None
     assert dm.eval_data is dm.source_data
     loader = dm.train_dataloader()
-    assert isinstance(loader.sampler, DistributedPKSampler) and loader.drop_last
+    assert isinstance(loader.sampler, SeededSampler) and loader.drop_last
+    assert isinstance(loader.sampler.sampler, DistributedPKSampler)
     batches = list(loader)
     assert len(batches) == len(loader) > 0
     for batch in batches:
@@ -117,7 +119,7 @@ def test_target_longer_than_source_is_cut_to_the_source(tiny_synth) -> None:
 def test_random_source_sampler(tiny_synth) -> None:
     dm = _dm(tiny_synth, target=True, source_sampler="random")
     source = dm.train_dataloader().iterables["source"]
-    assert isinstance(source.sampler, ShardedSampler)
+    assert isinstance(source.sampler.sampler, ShardedSampler)
     idx = torch.cat([b["index"] for b in source])
     assert idx.unique().numel() == idx.numel() == len(source) * 8
 
@@ -245,7 +247,7 @@ def test_world_from_torch_distributed_without_trainer(tiny_synth, monkeypatch) -
     monkeypatch.setattr(datamodule.dist, "is_initialized", lambda: True)
     monkeypatch.setattr(datamodule.dist, "get_world_size", lambda: 3)
     monkeypatch.setattr(datamodule.dist, "get_rank", lambda: 2)
-    sampler = dm.train_dataloader().sampler
+    sampler = dm.train_dataloader().sampler.sampler
     assert (sampler.num_replicas, sampler.rank) == (3, 2)
     assert (dm.val_dataloader().sampler.num_replicas, dm.val_dataloader().sampler.rank) == (3, 2)
 

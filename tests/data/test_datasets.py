@@ -240,12 +240,26 @@ def test_image_folder_ids_and_cameras(make_dataset_files) -> None:
         ],
     )
     data = ImageFolderReID(root)
-    # train: 0001 and alice -> 0, 1 (alice gets id 5 = max int + 1 before relabelling)
+    # every folder is an identity: -1, 0000, 0001, 0004, alice, bob -> 1..6 (ints by value first)
+    # train: 0001 and alice -> 0, 1 after relabelling
     assert [(r.pid, r.camid) for r in data.train] == [(0, 0), (0, 2), (1, 1)]
     # bob = 6 in query and gallery alike; cameras c1, c2, c3 -> 0, 1, 2; no token -> 0
     assert [(r.pid, r.camid) for r in data.query] == [(4, 0), (6, 1)]
-    assert [(r.pid, r.camid) for r in data.gallery] == [(0, 0), (4, 0), (4, 2), (6, 0)]
-    assert data.skipped["gallery"]["junk"] == 1
+    assert [(r.pid, r.camid) for r in data.gallery] == [(1, 1), (2, 0), (4, 0), (4, 2), (6, 0)]
+    assert data.skipped["gallery"] == {"junk": 0, "distractor": 0}
+
+
+def test_image_folder_identity_zero_is_trained_on(make_dataset_files) -> None:
+    """A folder named 0 is a person like any other (only the Market/Duke formats have
+    distractor and junk labels): none of its images is dropped from training."""
+    root = make_dataset_files(
+        "folder",
+        ["train/0/a_c1.jpg", "train/0/b_c2.jpg", "train/1/c_c1.jpg", "query/0/q_c1.jpg"]
+        + ["gallery/0/g_c2.jpg"],
+    )
+    data = ImageFolderReID(root)
+    assert len(data.train) == 3 and data.num_train_pids == 2
+    assert [r.pid for r in data.query] == [r.pid for r in data.gallery] == [1]
 
 
 def test_image_folder_errors(make_dataset_files) -> None:

@@ -31,7 +31,7 @@ def _eager_compile(monkeypatch: pytest.MonkeyPatch) -> list[ReIDNet]:
 
 def test_compiled_run_checkpoint_loads_into_a_plain_model(make_cfg, tiny_data_root, monkeypatch):
     compiled = _eager_compile(monkeypatch)
-    common = [*tiny_overrides(tiny_data_root), "+trainer.limit_train_batches=2", "test=false"]
+    common = [*tiny_overrides(tiny_data_root), "trainer.limit_train_batches=2", "test=false"]
     cfg = make_cfg([*common, "system.compile=true", "trainer.max_epochs=1"])
     metrics, objects = train(cfg)
     system = objects["system"]

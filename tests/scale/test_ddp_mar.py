@@ -50,7 +50,7 @@ def test_mar_bf16_mixed_cpu(make_cfg, tiny_data_root, stage1_ckpt, tmp_path):
         [
             *mar_overrides(tiny_data_root, stage1_ckpt),
             "trainer.precision=bf16-mixed",
-            "+trainer.limit_train_batches=2",
+            "trainer.limit_train_batches=2",
         ]
     )
     metrics, objects, (record,) = train_recorded(cfg, tmp_path / "ranks")

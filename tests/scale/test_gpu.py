@@ -47,7 +47,7 @@ def test_mar_fp16_amp_on_cuda(make_cfg, tiny_data_root, stage1_ckpt, tmp_path):
             *mar_overrides(tiny_data_root, stage1_ckpt),
             *GPU,
             "trainer.precision=16-mixed",
-            "+trainer.limit_train_batches=2",
+            "trainer.limit_train_batches=2",
         ]
     )
     metrics, objects, (record,) = train_recorded(cfg, tmp_path / "ranks")

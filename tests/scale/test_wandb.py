@@ -79,7 +79,7 @@ def test_wandb_run_of_a_failed_task_is_finished_as_failed(make_cfg, tiny_data_ro
     from omegaconf import open_dict
 
     cfg = make_cfg(
-        [*tiny_overrides(tiny_data_root), "logger=wandb", "+trainer.limit_train_batches=1"]
+        [*tiny_overrides(tiny_data_root), "logger=wandb", "trainer.limit_train_batches=1"]
     )
     with open_dict(cfg):
         cfg.callbacks.crash = {"_target_": f"{__name__}._Crash"}

@@ -57,7 +57,7 @@ def test_many_loggers_config_runs_offline(make_cfg, tiny_data_root, monkeypatch,
     overrides = tiny_overrides(tiny_data_root) + [
         "logger=many_loggers",
         "trainer.max_epochs=1",
-        "+trainer.limit_train_batches=1",
+        "trainer.limit_train_batches=1",
         "test=false",
     ]
     cfg = make_cfg(overrides)

@@ -47,7 +47,7 @@ def test_stage1_source_pretrain_fast_dev_run(tiny_data_root, make_cfg, tmp_path)
         [
             "experiment=synthetic_source_pretrain",
             *tiny_overrides(tiny_data_root),
-            "+trainer.fast_dev_run=true",
+            "trainer.fast_dev_run=true",
         ]
     )
     metrics, objects = train(cfg)
@@ -70,7 +70,7 @@ def test_stage2_fast_dev_run(tiny_data_root, make_cfg, stage1_ckpt):
     cfg = make_cfg(
         [
             *tiny_mar_overrides(tiny_data_root, stage1_ckpt),
-            "+trainer.fast_dev_run=true",
+            "trainer.fast_dev_run=true",
             "system.warmup_epochs=0",
         ]
     )
@@ -97,7 +97,7 @@ def test_stage2_fast_dev_run(tiny_data_root, make_cfg, stage1_ckpt):
 
 def test_stage2_missing_pretrained_fails_before_training(tiny_data_root, make_cfg, tmp_path):
     missing = tmp_path / "no_stage1.ckpt"
-    cfg = make_cfg([*tiny_mar_overrides(tiny_data_root, missing), "+trainer.fast_dev_run=true"])
+    cfg = make_cfg([*tiny_mar_overrides(tiny_data_root, missing), "trainer.fast_dev_run=true"])
     with pytest.raises(FileNotFoundError, match=str(missing)):
         train(cfg)
 
@@ -105,7 +105,7 @@ def test_stage2_missing_pretrained_fails_before_training(tiny_data_root, make_cf
 def test_stage2_resume_restores_state(tiny_data_root, make_cfg, stage1_ckpt, tmp_path, monkeypatch):
     base = [
         *tiny_mar_overrides(tiny_data_root, stage1_ckpt),
-        "+trainer.limit_train_batches=1",
+        "trainer.limit_train_batches=1",
         "test=false",
         "system.warmup_epochs=0",
     ]
@@ -150,7 +150,7 @@ def test_eval_on_a_stage2_checkpoint(tiny_data_root, make_cfg, stage1_ckpt):
 
     base = [
         *tiny_mar_overrides(tiny_data_root, stage1_ckpt),
-        "+trainer.limit_train_batches=1",
+        "trainer.limit_train_batches=1",
         "test=false",
         "trainer.max_epochs=1",
     ]
@@ -206,7 +206,7 @@ def test_stage2_ddp_spawn_two_cpu_processes(tiny_data_root, make_cfg, stage1_ckp
             *tiny_mar_overrides(tiny_data_root, stage1_ckpt),
             "trainer=ddp_cpu",
             "trainer.devices=2",
-            "+trainer.fast_dev_run=true",
+            "trainer.fast_dev_run=true",
             "system.warmup_epochs=0",
             "data.batch_size=8",
             "data.target_batch_size=8",
