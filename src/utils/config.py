@@ -167,15 +167,23 @@ def check_argument_types(cfg: DictConfig) -> None:
             continue
         for name, hint in hints.items():
             expected = _number_type(hint)
-            if expected is None or name not in node or OmegaConf.is_interpolation(node, name):
+            if expected is None or name not in node:
                 continue
-            value = node[name]
+            shown = f"{key}.{name}"
+            if OmegaConf.is_interpolation(node, name):
+                # report the key the user sets: `${loss.margin}` -> loss.margin
+                ref = re.fullmatch(r"\$\{([\w.]+)\}", str(node._get_node(name)._value()))
+                shown = ref.group(1) if ref else shown
+            try:
+                value = node[name]
+            except Exception:  # an unresolvable interpolation: Hydra reports it later
+                continue
             ok = isinstance(value, int | float) and not isinstance(value, bool)
             if expected is int:
                 ok = ok and float(value).is_integer()
             if value is not None and not ok:
                 raise TypeError(
-                    f"{key}.{name}={value!r}: expected {_NUMBER_TYPES[expected]} "
+                    f"{shown}={value!r}: expected {_NUMBER_TYPES[expected]} "
                     f"({node['_target_']} argument {name!r})"
                 )
 
