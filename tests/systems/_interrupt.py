@@ -33,3 +33,20 @@ class KillAtStep(CrashAtStep):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class GlobalRngUser(Callback):
+    """Draws from python's, numpy's and torch's global generators at every training batch and
+    nudges one weight by the draws, as dropout or a user's augmentation would: a resume that
+    does not restore those generators (or lets something else draw from them) then diverges."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        import random
+
+        import numpy as np
+        import torch
+
+        draw = torch.rand(()) + float(np.random.rand()) + random.random()
+        param = next(pl_module.parameters())
+        with torch.no_grad():
+            param.view(-1)[0].add_(1e-4 * draw)

@@ -26,6 +26,7 @@ from tests.systems._mar_helpers import save_stage1
 
 REPO = Path(__file__).resolve().parents[2]
 CRASH = "tests.systems._interrupt.CrashAtStep"
+RNG_USER = "+callbacks.rng_user._target_=tests.systems._interrupt.GlobalRngUser"
 KILL = "tests.systems._interrupt.KillAtStep"
 MAR_STATE = ("memory", "memory_visited", "mar_initialised", "discriminative_loss.threshold")
 
@@ -90,7 +91,7 @@ def stage1(tiny_data_root: Path, tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("every_n_steps", [None, 2], ids=["epoch-end-ckpt", "mid-epoch-ckpt"])
 def test_supervised_resume_is_bit_identical(every_n_steps, make_cfg, tiny_data_root, tmp_path):
-    common = supervised(tiny_data_root)
+    common = supervised(tiny_data_root) + [RNG_USER]
     if every_n_steps:
         common.append(f"callbacks.model_checkpoint.every_n_train_steps={every_n_steps}")
     _, full = run_in(make_cfg, common, tmp_path / "full")
@@ -113,7 +114,10 @@ def test_supervised_resume_is_bit_identical(every_n_steps, make_cfg, tiny_data_r
 
 
 def test_mar_resume_is_bit_identical(make_cfg, tiny_data_root, stage1, tmp_path):
-    common = mar(tiny_data_root, stage1) + ["callbacks.model_checkpoint.every_n_train_steps=1"]
+    common = mar(tiny_data_root, stage1) + [
+        "callbacks.model_checkpoint.every_n_train_steps=1",
+        RNG_USER,
+    ]
     _, full = run_in(make_cfg, common, tmp_path / "full")
     per_epoch = full["trainer"].num_training_batches
     crash = [f"+callbacks.crash._target_={CRASH}", f"+callbacks.crash.step={per_epoch + 1}"]
