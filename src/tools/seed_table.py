@@ -31,7 +31,9 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return mean, math.sqrt(var)
 
 
-def seed_table(multirun_dir: Path, metrics: Sequence[str] = DEFAULT_METRICS) -> dict[str, list[float]]:
+def seed_table(
+    multirun_dir: Path, metrics: Sequence[str] = DEFAULT_METRICS
+) -> dict[str, list[float]]:
     """{metric: [value of each job]} of the jobs of `multirun_dir`, in job order."""
     runs = load_multirun(multirun_dir)  # raises, naming the folder, when it holds no job
     return {m: [run.metric(m) for run in runs] for m in metrics}

@@ -72,6 +72,8 @@ def test_checkpoint(trainer: L.Trainer, choice: str) -> tuple[str, str | None]:
     "last": the LastCheckpoint's file when it was written, else the current (final) weights;
     "best": the best monitored checkpoint (:class:`VerifiedModelCheckpoint` with a monitor).
     """
+    if trainer.fast_dev_run:  # Lightning writes no checkpoint in a fast_dev_run
+        return "final weights (fast_dev_run: no checkpoints)", None
     if choice == "best":
         best = [
             cb
