@@ -7,7 +7,7 @@ CONSTRAINTS := .ci/constraints.txt
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: install train test test-full lint format bench mar-demo sweep-demo clean help
+.PHONY: install train test test-full lint format bench mar-demo sweep-demo clean clean-logs help
 
 help:
 	@echo "make train       # default run: python -m src.train (ARGS='key=value ...' for overrides)"
@@ -16,6 +16,7 @@ help:
 	@echo "make bench       # benchmarks -> docs/benchmarks.md"
 	@echo "make mar-demo    # MAR stage 1 + stage 2 on the synthetic A->B benchmark"
 	@echo "make sweep-demo  # margin x mining-ratio multirun + summary table/plot"
+	@echo "make clean-logs  # delete logs/ (runs, checkpoints, sweeps)"
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -53,3 +54,6 @@ sweep-demo: install
 
 clean:
 	rm -rf logs .pytest_cache .ruff_cache
+
+clean-logs:  # every run folder, checkpoint and sweep under logs/ (the data stays)
+	rm -rf logs
