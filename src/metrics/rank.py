@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -387,13 +387,21 @@ Blocks = Iterator[tuple[int, int, Tensor]]
 
 
 def _evaluate_blocks(
-    blocks: Blocks, labels: Labels, max_rank: int, ap: str, caller: str
+    blocks: Blocks,
+    labels: Labels,
+    max_rank: int,
+    ap: str,
+    caller: str,
+    observers: Sequence[Callable[[int, int, Tensor], None]] = (),
 ) -> tuple[np.ndarray, float, float]:
+    """Rank each block; ``observers(start, stop, dist)`` see the same blocks (e.g. ROC)."""
     q_pids, g_pids, q_camids, g_camids = labels
     index = _GalleryIndex(g_pids, g_camids)
     acc = _Accumulator(ap)
     for start, stop, dist in blocks:
         acc.add(*_chunk_ranks(dist, q_pids[start:stop], q_camids[start:stop], index))
+        for observe in observers:
+            observe(start, stop, dist)
     return acc.result(max_rank, len(q_pids), caller)
 
 
