@@ -27,6 +27,7 @@ query x gallery) is ever allocated.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from typing import Literal, NamedTuple
 
@@ -76,6 +77,11 @@ def _block_rows(chunk_size: int | None, num_rows: int, num_cols: int, device: to
     return min(_check_positive_int(chunk_size, "chunk_size"), max(num_rows, 1))
 
 
+def _check_finite(x: Tensor, name: str) -> None:
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contain NaN or inf values")
+
+
 def _topk_keyed(d: Tensor, width: int) -> tuple[Tensor, Tensor]:
     """(indices, values) of each row's ``width`` smallest entries, ascending, ties by column."""
     n = d.shape[1]
@@ -89,22 +95,95 @@ class _Neighbours(NamedTuple):
     dist: Tensor  # (N, W) float32, the distances d(i, index[i, t]) used for the weights
 
 
-def _knn_torch(
-    block: Callable[[int, int], Tensor], num: int, width: int, rows: int
-) -> tuple[_Neighbours, list[Tensor]]:
-    """Neighbour lists from row blocks ``block(a, b)`` (b - a, num) of the distances d."""
-    index, dist, extra = [], [], []
-    for a in range(0, num, rows):
-        d = block(a, min(a + rows, num))
-        if isinstance(d, tuple):  # (d, per-row extra statistic)
-            d, stat = d
-            extra.append(stat)
-        if bool(torch.isnan(d).any()):
-            raise ValueError("features give NaN distances (NaN or inf features?)")
-        i, v = _topk_keyed(d, width)
-        index.append(i)
-        dist.append(v)
-    return _Neighbours(torch.cat(index), torch.cat(dist)), extra
+def _square_side(chunk_size: int | None, num: int, device: torch.device) -> int:
+    """Side of the square distance blocks of the neighbour search (chunk_size if given)."""
+    if chunk_size is None:
+        return max(1, min(num, math.isqrt(chunk_elements(device))))
+    return min(_check_positive_int(chunk_size, "chunk_size"), num)
+
+
+def _merge_top(
+    keys: Tensor, vals: Tensor, new_keys: Tensor, new_vals: Tensor, width: int
+) -> tuple[Tensor, Tensor]:
+    keys, vals = torch.cat([keys, new_keys], dim=1), torch.cat([vals, new_vals], dim=1)
+    if keys.shape[1] <= width:
+        return keys, vals
+    top = torch.topk(keys, width, dim=1, largest=False, sorted=False).indices
+    return keys.gather(1, top), vals.gather(1, top)
+
+
+def _knn_symmetric(
+    block: Callable[[int, int, int, int], Tensor],
+    num: int,
+    width: int,
+    side: int,
+    normalise: bool,
+    device: torch.device,
+) -> tuple[_Neighbours, Tensor]:
+    """Neighbour lists of a symmetric distance from the upper triangle of square blocks.
+
+    ``block(a, b, c, e)`` gives the raw values (b - a, e - c) between items [a, b) and [c, e);
+    each block with c >= a serves rows [a, b) and, transposed, rows [c, e) (half the products
+    of a full pass). Lists are ordered by (value, index). With ``normalise``, the order is that
+    of ``raw / row_max(raw)`` in float32 (the dense reference's): the ``width + 4`` smallest by
+    raw value are kept, re-keyed after the division, and a row whose last kept candidate ties
+    the width-th after it (rounding can merge close values) is recomputed exactly.
+    Returns (neighbours with the (normalised) values, row maxima of the raw values).
+    """
+    keep = min(num, width + (4 if normalise else 0))
+    pos_bits = max(1, (num - 1).bit_length())
+    starts = list(range(0, num, side))
+    keys = [torch.empty(min(side, num - a), 0, dtype=torch.int64, device=device) for a in starts]
+    vals = [torch.empty(k.shape[0], 0, dtype=torch.float32, device=device) for k in keys]
+    row_max = torch.zeros(num, dtype=torch.float32, device=device)
+
+    def feed(i: int, raw: Tensor, first_col: int) -> None:
+        a = starts[i]
+        stop = a + raw.shape[0]
+        row_max[a:stop] = torch.maximum(row_max[a:stop], raw.amax(dim=1))
+        if raw.shape[1] > keep:
+            # float top-(keep+1); where the (keep+1)-th ties the keep-th, the kept set depends
+            # on the tie order: those rows are redone on (value, index) keys
+            val, top = torch.topk(raw, keep + 1, dim=1, largest=False, sorted=True)
+            tied = torch.nonzero(val[:, keep] == val[:, keep - 1]).flatten()
+            val, top = val[:, :keep], top[:, :keep]
+            if tied.numel():
+                sub = raw[tied].contiguous()
+                cols = torch.arange(raw.shape[1], device=device)
+                fix = torch.topk(_rank_keys(sub, cols, pos_bits), keep, dim=1, largest=False)
+                top[tied] = fix.indices
+                val[tied] = sub.gather(1, fix.indices)
+        else:
+            val = raw
+            top = torch.arange(raw.shape[1], device=device).expand(raw.shape[0], -1)
+        key = _rank_keys(val.contiguous(), top + first_col, pos_bits)
+        keys[i], vals[i] = _merge_top(keys[i], vals[i], key, val, keep)
+
+    for i, a in enumerate(starts):
+        b = min(a + side, num)
+        for j in range(i, len(starts)):
+            c = starts[j]
+            raw = block(a, b, c, min(c + side, num))
+            feed(i, raw, c)
+            if j != i:
+                feed(j, raw.t().contiguous(), a)  # (faster than a strided top-k)
+    key = torch.cat(keys)
+    order = torch.sort(key, dim=1).indices
+    raw = torch.cat(vals).gather(1, order)
+    index = key.gather(1, order) & ((1 << pos_bits) - 1)
+    if not normalise:
+        return _Neighbours(index[:, :width], raw[:, :width]), row_max
+    scale = torch.where(row_max == 0, torch.ones_like(row_max), row_max).unsqueeze(1)
+    d = raw / scale
+    order = torch.sort(_rank_keys(d, index, pos_bits), dim=1).indices
+    index, d_sorted = index.gather(1, order), d.gather(1, order)
+    if keep < num:
+        unsure = torch.nonzero(d_sorted[:, width - 1] >= d[:, -1]).flatten().tolist()
+        for r in unsure:  # exact: the whole row
+            row = block(r, r + 1, 0, num) / scale[r]
+            i, v = _topk_keyed(row, keep)
+            index[r], d_sorted[r] = i[0], v[0]
+    return _Neighbours(index[:, :width], d_sorted[:, :width]), row_max
 
 
 # --------------------------------------------------------------------------------------------
@@ -383,6 +462,7 @@ def k_reciprocal_jaccard(
         raise ValueError("features: empty feature matrix")
     if k1 > n:
         raise ValueError(f"k1={k1} must not exceed the number of features {n}")
+    _check_finite(x, "features")
     if knn == "faiss" and not _faiss_available():
         raise ImportError(
             "knn='faiss' needs the optional package faiss-cpu (pip install faiss-cpu)"
@@ -405,12 +485,13 @@ def k_reciprocal_jaccard(
         nn = _Neighbours(index, pair_dist(rows, index.reshape(-1)).view(n, k1))
     else:
 
-        def block(a: int, b: int) -> Tensor:
+        def block(a: int, b: int, c: int, e: int) -> Tensor:
             if metric == "cosine":
-                return (x[a:b] @ x.t()).mul_(-2.0).add_(2.0).float()
-            return _distance_block(x[a:b], x, sqnorm, "euclidean").float()
+                return (x[a:b] @ x[c:e].t()).mul_(-2.0).add_(2.0).float()
+            return _distance_block(x[a:b], x[c:e], sqnorm[c:e], "euclidean").float()
 
-        nn, _ = _knn_torch(block, n, k1, _block_rows(chunk_size, n, n, x.device))
+        side = _square_side(chunk_size, n, x.device)
+        nn, _ = _knn_symmetric(block, n, k1, side, False, x.device)
     k_half = min(int(round(k1 / 2)) + 1, k1)
     V = _k_reciprocal_v(nn, k1, k_half, min(k2, k1), pair_dist)
     return _sparse_jaccard(V, n)
@@ -477,16 +558,14 @@ class _Reranking:
         x = torch.cat([qf, gf])
         prepared, sqnorm = _prepare_gallery(x, metric)
 
-        def block(a: int, b: int) -> tuple[Tensor, Tensor]:
-            # d = squared distance / its row maximum, as the dense reference (float32)
-            d = _distance_block(x[a:b], prepared, sqnorm, metric).square_().float()
-            row_max = d.amax(dim=1)
-            row_max = torch.where(row_max == 0, torch.ones_like(row_max), row_max)
-            return d.div_(row_max.unsqueeze(1)), row_max
+        def block(a: int, b: int, c: int, e: int) -> Tensor:
+            # squared distances; d = this / its row maximum, as the dense reference (float32)
+            sq = None if sqnorm is None else sqnorm[c:e]
+            return _distance_block(x[a:b], prepared[c:e], sq, metric).square_().float()
 
-        rows = _block_rows(chunk_size, n, n, x.device)
-        nn, maxima = _knn_torch(block, n, max(k1 + 1, k2), rows)
-        self.row_max = torch.cat(maxima)
+        side = _square_side(chunk_size, n, x.device)
+        nn, row_max = _knn_symmetric(block, n, max(k1 + 1, k2), side, True, x.device)
+        self.row_max = torch.where(row_max == 0, torch.ones_like(row_max), row_max)
         kind = "cosine" if metric == "cosine" else "sq_euclidean"
 
         def pair_dist(r: Tensor, c: Tensor) -> Tensor:
@@ -529,6 +608,8 @@ def _reranking(
     q, g = _feature_pair(qf, gf, ("qf", "gf"))
     if q.shape[0] == 0 or g.shape[0] == 0:
         raise ValueError(f"empty query ({q.shape[0]}) or gallery ({g.shape[0]}) features")
+    _check_finite(q, "qf")
+    _check_finite(g, "gf")
     k1, k2 = _check_positive_int(k1, "k1"), _check_positive_int(k2, "k2")
     if not 0.0 <= lambda_value <= 1.0:
         raise ValueError(f"lambda_value={lambda_value!r}: expected a value in [0, 1]")
