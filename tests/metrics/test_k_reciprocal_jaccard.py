@@ -116,3 +116,32 @@ def test_cuda_features_give_the_cpu_result():
     cpu = k_reciprocal_jaccard(x, 12, 4)
     gpu = k_reciprocal_jaccard(x.cuda(), 12, 4)
     np.testing.assert_allclose(_dense(gpu), _dense(cpu), atol=1e-5)
+
+
+def _reference_lists(m: torch.Tensor, width: int, normalise: bool):
+    row_max = m.amax(dim=1)
+    d = m / torch.where(row_max == 0, 1.0, row_max).unsqueeze(1) if normalise else m
+    order = np.lexsort((np.arange(m.shape[1])[None].repeat(m.shape[0], 0), d.numpy()), axis=1)
+    order = torch.from_numpy(order[:, :width])
+    return order, d.gather(1, order)
+
+
+@pytest.mark.parametrize("normalise", [False, True])
+@pytest.mark.parametrize("side", [1, 7, 60])
+def test_block_neighbour_search_orders_by_value_then_index(normalise, side):
+    # a symmetric matrix of few distinct values (ties everywhere) and of adjacent floats
+    # (1.75 + k ulp), which the division by the row maximum (3) can merge
+    rng = np.random.default_rng(side)
+    n, width = 60, 6
+    levels = np.float32(1.75) + np.arange(4, dtype=np.float32) * np.finfo(np.float32).eps
+    m = rng.choice(levels, (n, n), p=[0.03, 0.03, 0.44, 0.5]).astype(np.float32)
+    m = np.triu(m) + np.triu(m, 1).T
+    m[np.arange(n), (np.arange(n) + 1) % n] = 3.0  # the row maxima
+    m = np.maximum(m, m.T)
+    m = torch.from_numpy(m)
+    nn, row_max = RR._knn_symmetric(lambda a, b, c, e: m[a:b, c:e], n, width, side, normalise,
+                                    torch.device("cpu"))  # fmt: skip
+    index, values = _reference_lists(m, width, normalise)
+    assert torch.equal(row_max, m.amax(dim=1))
+    assert torch.equal(nn.index, index)
+    assert torch.equal(nn.dist, values)
