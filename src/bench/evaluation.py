@@ -451,7 +451,7 @@ def _ratio(a: float, b: float) -> str:
     return f"{r:.1f}×" if r >= 10 else f"{r:.2f}×"
 
 
-def run(quick: bool = False) -> str:
+def run(quick: bool = False, rerank: bool = True) -> str:
     """Run the evaluation benchmarks and return a markdown section (quick: tiny sizes)."""
     sizes = QUICK if quick else FULL
     load_before = os.getloadavg()[0]
@@ -519,7 +519,8 @@ def run(quick: bool = False) -> str:
         f"{msmt['slice_naive_s']:.2f} s vs `evaluate_rank` {msmt['slice_ours_s']:.3f} s "
         f"({_ratio(msmt['slice_naive_s'], msmt['slice_ours_s'])}), {msmt['slice_check']}.",
     ]
-    return "\n".join(lines) + "\n\n" + rerank_section(quick)
+    text = "\n".join(lines) + "\n"
+    return text + "\n" + rerank_section(quick) if rerank else text
 
 
 if __name__ == "__main__":

@@ -106,8 +106,8 @@ def test_chunked_equals_dense_reference(k1, k2, lam, metric, chunk):
 
 
 def test_chunked_equals_dense_with_ties_and_tiny_budgets(monkeypatch):
-    from src.metrics import rerank as RR
     from src.metrics import re_ranking_features
+    from src.metrics import rerank as RR
 
     monkeypatch.setattr(RR, "_PAIR_BUDGET", 40)
     monkeypatch.setattr(RR, "_SET_BUDGET", 50)
