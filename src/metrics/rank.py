@@ -468,7 +468,7 @@ def evaluate_rank(
     num_q, num_g = d.shape
     labels = _labels(q_pids, g_pids, q_camids, g_camids, num_q, num_g, d.device)
     max_rank = _check_max_rank(max_rank, num_g, "evaluate_rank")
-    rows = _chunk_rows(chunk_size, num_q, num_g)
+    rows = _chunk_rows(chunk_size, num_q, num_g, d.device)
     return _evaluate_blocks(_distmat_blocks(d, rows), labels, max_rank, ap, "evaluate_rank")
 
 
@@ -488,7 +488,7 @@ def evaluate_features(
 
     The distances of one chunk of queries at a time are computed on the features' device (so on
     the GPU when the features are there) and ranked there; only a chunk (~2**23 distances by
-    default) and its ranking temporaries are alive at once, never the full matrix or an argsort
+    default on the CPU, 1/64 of the free memory on a GPU) and its ranking temporaries are alive at once, never the full matrix or an argsort
     of it. qf (num_q, d), gf (num_g, d); other arguments and the result as :func:`evaluate_rank`.
     """
     _check_choice(metric, _METRICS, "metric")
@@ -499,7 +499,7 @@ def evaluate_features(
         raise ValueError(f"empty query ({num_q}) or gallery ({num_g}) features")
     labels = _labels(q_pids, g_pids, q_camids, g_camids, num_q, num_g, q.device)
     max_rank = _check_max_rank(max_rank, num_g, "evaluate_features")
-    rows = _chunk_rows(chunk_size, num_q, num_g)
+    rows = _chunk_rows(chunk_size, num_q, num_g, q.device)
     blocks = _feature_blocks(q, g, metric, rows)
     return _evaluate_blocks(blocks, labels, max_rank, ap, "evaluate_features")
 
@@ -557,7 +557,7 @@ def topk_gallery(
     num_q, num_g = d.shape
     labels = _labels(q_pids, g_pids, q_camids, g_camids, num_q, num_g, d.device)
     k = min(_check_positive_int(k, "k"), num_g)
-    rows = _chunk_rows(chunk_size, num_q, num_g)
+    rows = _chunk_rows(chunk_size, num_q, num_g, d.device)
     return _topk_blocks(_distmat_blocks(d, rows), labels, k)
 
 
@@ -566,5 +566,5 @@ def _topk_features(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """topk_gallery of compute_distance_matrix(qf, gf, metric), chunk by chunk."""
     k = min(_check_positive_int(k, "k"), gf.shape[0])
-    rows = _chunk_rows(chunk_size, qf.shape[0], gf.shape[0])
+    rows = _chunk_rows(chunk_size, qf.shape[0], gf.shape[0], qf.device)
     return _topk_blocks(_feature_blocks(qf, gf, metric, rows), labels, k)
