@@ -1,4 +1,4 @@
-"""Re-ID evaluation: Market-1501 protocol (CMC, mAP, mINP), re-ranking, DDP metric, rank lists.
+"""Re-ID evaluation: Market-1501 protocol, re-ranking, AQE, ROC, DDP metric, rank lists.
 
 Names are imported lazily, so that ``import src.metrics.rank`` does not pay for
 torchmetrics (and the torchvision it imports) or matplotlib.
@@ -20,6 +20,8 @@ _EXPORTS = {
     "re_ranking_features": "src.metrics.rerank",
     "topk_gallery": "src.metrics.rank",
     "plot_ranklist": "src.metrics.ranklist",
+    "aqe": "src.metrics.query_expansion",
+    "tpr_at_fpr": "src.metrics.roc",
     "RankList": "src.metrics.reid_metric",
     "ReIDMetric": "src.metrics.reid_metric",
 }
@@ -27,6 +29,7 @@ __all__ = [
     "RankList",
     "ReIDMetric",
     "SkippedQueriesWarning",
+    "aqe",
     "compute_distance_matrix",
     "evaluate_features",
     "evaluate_rank",
@@ -36,10 +39,12 @@ __all__ = [
     "re_ranking",
     "re_ranking_features",
     "topk_gallery",
+    "tpr_at_fpr",
 ]
 
 if TYPE_CHECKING:
     from src.metrics.distance import compute_distance_matrix
+    from src.metrics.query_expansion import aqe
     from src.metrics.rank import (
         SkippedQueriesWarning,
         evaluate_features,
@@ -54,6 +59,7 @@ if TYPE_CHECKING:
         re_ranking,
         re_ranking_features,
     )
+    from src.metrics.roc import tpr_at_fpr
 
 
 def __getattr__(name: str) -> Any:
