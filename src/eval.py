@@ -14,16 +14,12 @@ from typing import Any
 
 import hydra
 import lightning as L
+import rich
 import torch
 from omegaconf import DictConfig
 
-from src.metrics.functional import (
-    compute_distance_matrix,
-    evaluate_rank,
-    re_ranking,
-    topk_gallery,
-)
 from src.metrics.ranklist import plot_ranklist
+from src.metrics.reid_metric import evaluate_split
 from src.systems.steps import extract_embeddings
 from src.utils import RankedLogger, extras, print_results_table, task_wrapper
 from src.utils.checkpoints import check_checkpoint_file
@@ -33,6 +29,7 @@ from src.utils.config import (
     quote_home_paths,
     register_resolvers,
 )
+from src.utils.rich_utils import format_results_table
 
 log = RankedLogger(__name__)
 register_resolvers()
@@ -72,42 +69,41 @@ def extract_split_features(
         k: [] for k in ("feat", "pid", "camid", "is_query", "index")
     }
     for batch in loader:
-        chunks["feat"].append(extract_embeddings(system.net, batch["img"].to(device), flip).cpu())
+        # features stay on the device: the evaluation runs there (chunked)
+        chunks["feat"].append(extract_embeddings(system.net, batch["img"].to(device), flip))
         for key in ("pid", "camid", "is_query", "index"):
-            chunks[key].append(batch[key])
+            chunks[key].append(batch[key].to(device))
     return {k: torch.cat(v) for k, v in chunks.items()}
 
 
 def evaluate_features_table(
     data: dict[str, torch.Tensor], cfg: DictConfig
 ) -> tuple[dict[str, dict[str, float]], torch.Tensor]:
-    """Metrics without (and optionally with) re-ranking, plus the query-gallery distances."""
+    """Metrics without (and optionally with) re-ranking, plus top-10 gallery positions.
+
+    Chunked on the features' device (src.metrics.reid_metric.evaluate_split): no query x
+    gallery matrix is built. ``cfg.aqe`` expands the features first, ``cfg.roc`` adds TPR@FPR.
+    """
     q, g = data["is_query"], ~data["is_query"]
-    qf, gf = data["feat"][q], data["feat"][g]
-    distmat = compute_distance_matrix(qf, gf, metric=cfg.metric)
     labels = (data["pid"][q], data["pid"][g], data["camid"][q], data["camid"][g])
-    rows: dict[str, dict[str, float]] = {}
-
-    def summarise(dist: Any) -> dict[str, float]:
-        cmc, mAP, mINP = evaluate_rank(dist, *labels, ap=cfg.ap)
-        # max_rank shrinks to the gallery size on tiny galleries
-        ranks = {f"rank{k}": cmc[min(k, len(cmc)) - 1] for k in (1, 5, 10)}
-        return {**ranks, "mAP": mAP, "mINP": mINP}
-
-    rows["plain"] = summarise(distmat)
+    options = {
+        "metric": cfg.metric,
+        "ap": cfg.ap,
+        "aqe": cfg.get("aqe", False),
+        "qe_times": cfg.get("aqe_times", 1),
+        "qe_k": cfg.get("aqe_k", 5),
+        "alpha": cfg.get("aqe_alpha", 3.0),
+        "roc": cfg.get("roc", False),
+    }
+    rows, positions = {}, None
+    settings = {"plain": None}
     if cfg.rerank:
-        q_q = compute_distance_matrix(qf, qf, metric=cfg.metric)
-        g_g = compute_distance_matrix(gf, gf, metric=cfg.metric)
-        rr = re_ranking(
-            distmat.numpy(),
-            q_q.numpy(),
-            g_g.numpy(),
-            k1=cfg.rerank_k1,
-            k2=cfg.rerank_k2,
-            lambda_value=cfg.rerank_lambda,
-        )
-        rows["re-ranked"] = summarise(rr)
-    return {k: {m: float(v) for m, v in r.items()} for k, r in rows.items()}, distmat
+        settings["re-ranked"] = (cfg.rerank_k1, cfg.rerank_k2, cfg.rerank_lambda)
+    for name, rerank in settings.items():
+        rows[name], topk = evaluate_split(data["feat"][q], data["feat"][g], labels, rerank=rerank,
+                                          topk=10 if name == "plain" else None, **options)  # fmt: skip
+        positions = topk if topk is not None else positions
+    return rows, positions
 
 
 @task_wrapper
@@ -127,17 +123,16 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, float]]:
     )
     device = torch.device("cuda" if use_gpu else "cpu")
     data = extract_split_features(system, datamodule.test_dataloader(), device, cfg.flip)
-    rows, distmat = evaluate_features_table(data, cfg)
+    rows, (positions, matches) = evaluate_features_table(data, cfg)
     print_results_table(rows)
+    if cfg.get("roc", False):
+        rich.print(format_results_table(rows, keys=[k for k in rows["plain"] if "TPR@" in k]))
 
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / "metrics.json", "w") as f:
         json.dump({"ckpt_path": str(cfg.ckpt_path), **rows}, f, indent=2)
     q, g = data["is_query"], ~data["is_query"]
-    positions, matches, _ = topk_gallery(
-        distmat, data["pid"][q], data["pid"][g], data["camid"][q], data["camid"][g], k=10
-    )
     # Evaluation indices run over query then gallery (ImageDataset.query_gallery).
     records = [*datamodule.eval_data.query, *datamodule.eval_data.gallery]
     plot_ranklist(

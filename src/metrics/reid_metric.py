@@ -12,21 +12,20 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-from src.metrics.functional import (
+from src.metrics._inputs import (
     _AP_VARIANTS,
     _METRICS,
     _as_labels,
     _check_choice,
     _check_positive_int,
-    _topk_features,
-    compute_distance_matrix,
-    evaluate_features,
-    evaluate_rank,
-    re_ranking,
-    topk_gallery,
+    _chunk_rows,
 )
+from src.metrics.query_expansion import aqe as _aqe
+from src.metrics.rank import Blocks, _evaluate_blocks, _feature_blocks, _labels, _topk_blocks
+from src.metrics.rerank import _Reranking, _reranking
+from src.metrics.roc import DEFAULT_FPRS, ROCAccumulator
 
-__all__ = ["RankList", "ReIDMetric"]
+__all__ = ["RankList", "ReIDMetric", "evaluate_split"]
 
 
 class RankList(NamedTuple):
@@ -56,7 +55,7 @@ class _Split:
     g_camids: Tensor
     q_index: Tensor
     g_index: Tensor
-    distmat: np.ndarray | None = None  # re-ranked distances, when rerank=True
+    reranking: _Reranking | None = None  # the k-reciprocal state, when rerank=True
 
     @property
     def labels(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -71,11 +70,14 @@ class ReIDMetric(Metric):
     ``DistributedSampler`` padding adds (the first occurrence of each ``(is_query, index)`` is
     kept; query and gallery indices may overlap since they index different lists), splits query
     and gallery, sorts each by ``index`` (so the result does not depend on how samples were
-    sharded, ties included) and evaluates with :func:`~src.metrics.functional.evaluate_features`
-    (chunked, on the features' device) or, with ``rerank=True``, k-reciprocal re-ranking.
+    sharded, ties included) and evaluates with :func:`~src.metrics.rank.evaluate_features`
+    (chunked, on the features' device) or, with ``rerank=True``, the chunked k-reciprocal
+    re-ranking (:func:`~src.metrics.rerank.evaluate_reranked`), optionally after alpha-query
+    expansion (``aqe=True``) and with TPR at FPR 1e-4/1e-3/1e-2 (``roc=True``).
 
     Every rank computes the same result. It returns a dict of Python floats
-    ``{"rank1", "rank5", "rank10", "mAP", "mINP"}`` (fractions in [0, 1]); after it,
+    ``{"rank1", "rank5", "rank10", "mAP", "mINP"}`` (fractions in [0, 1]; with ``roc=True``
+    also ``"TPR@FPR=1e-04"``, ``"TPR@FPR=1e-03"``, ``"TPR@FPR=1e-02"``); after it,
     :attr:`last_cmc` holds the CMC curve (numpy, length ``max_rank``) and :meth:`topk_gallery`
     gives rank lists for pictures (until :meth:`reset`).
 
@@ -83,8 +85,11 @@ class ReIDMetric(Metric):
         metric: ``"euclidean"`` (squared) or ``"cosine"`` distance.
         normalize: L2-normalise features before the distance (the MAR protocol uses unit-norm
             features with cosine distance, for which it makes no difference).
-        rerank: evaluate k-reciprocal re-ranked distances (O((Q+G)^2) memory: Market-sized
-            evaluations only) with ``k1``, ``k2``, ``lambda_value``.
+        rerank: evaluate k-reciprocal re-ranked distances with ``k1``, ``k2``, ``lambda_value``
+            (chunked: O((Q+G) k) memory plus one chunk; the cost is the (Q+G)^2 distances).
+        aqe: alpha-query expansion of query and gallery features first (FastReID's ``aqe``
+            with ``qe_times``, ``qe_k``, ``alpha``; FastReID config defaults 1, 5, 3.0).
+        roc: also report TPR at FPR 1e-4, 1e-3, 1e-2 (:mod:`src.metrics.roc`).
         ap: ``"standard"`` or ``"market_trapezoid"`` (official Market-1501 AP, MAR paper).
         max_rank: length of :attr:`last_cmc` (ranks 1/5/10 are always reported).
         chunk_size: queries per chunk of the distance computation (None: automatic).
@@ -117,6 +122,11 @@ class ReIDMetric(Metric):
         max_rank: int = 50,
         chunk_size: int | None = None,
         flip: bool = False,
+        aqe: bool = False,
+        qe_times: int = 1,
+        qe_k: int = 5,
+        alpha: float = 3.0,
+        roc: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -135,6 +145,11 @@ class ReIDMetric(Metric):
             _check_positive_int(chunk_size, "chunk_size")
         self.chunk_size = chunk_size
         self.flip = bool(flip)
+        self.aqe = bool(aqe)
+        self.qe_times = _check_positive_int(qe_times, "qe_times")
+        self.qe_k = _check_positive_int(qe_k, "qe_k")
+        self.alpha = float(alpha)
+        self.roc = bool(roc)
         for name in ("features", "pids", "camids", "is_query", "index"):
             self.add_state(name, default=[], dist_reduce_fx="cat")
         self.last_cmc: np.ndarray | None = None
@@ -208,43 +223,39 @@ class ReIDMetric(Metric):
 
     def compute(self) -> dict[str, float]:
         split = self._deduplicated()
-        max_rank = min(max(self.max_rank, 10), len(split.g_pids))
+        if self.aqe:
+            split.qf, split.gf = _aqe(split.qf, split.gf, self.qe_times, self.qe_k, self.alpha)
+        num_q, num_g = len(split.q_pids), len(split.g_pids)
+        max_rank = min(max(self.max_rank, 10), num_g)
+        rows = _chunk_rows(self.chunk_size, num_q, num_g, split.qf.device)
         if self.rerank:
-            qg = compute_distance_matrix(split.qf, split.gf, self.metric)
-            qq = compute_distance_matrix(split.qf, split.qf, self.metric)
-            gg = compute_distance_matrix(split.gf, split.gf, self.metric)
-            split.distmat = re_ranking(qg, qq, gg, self.k1, self.k2, self.lambda_value)
-            del qg, qq, gg
-            cmc, mAP, mINP = evaluate_rank(
-                split.distmat,
-                *split.labels,
-                max_rank=max_rank,
-                ap=self.ap,
-                chunk_size=self.chunk_size,
-            )
+            split.reranking = _reranking(
+                split.qf, split.gf, self.k1, self.k2, self.lambda_value, self.metric,
+                self.chunk_size,
+            )  # fmt: skip
+            blocks = split.reranking.blocks(rows)
         else:
-            cmc, mAP, mINP = evaluate_features(
-                split.qf,
-                split.gf,
-                *split.labels,
-                metric=self.metric,
-                chunk_size=self.chunk_size,
-                max_rank=max_rank,
-                ap=self.ap,
-            )
+            blocks = _feature_blocks(split.qf, split.gf, self.metric, rows)
+        roc = ROCAccumulator(split.labels, DEFAULT_FPRS) if self.roc else None
+        cmc, mAP, mINP = _evaluate_blocks(
+            blocks, split.labels, max_rank, self.ap, "ReIDMetric", [roc] if roc else ()
+        )
         self._evaluated = split
         self.last_cmc = cmc[: self.max_rank]
 
         def rank(k: int) -> float:  # CMC is 1 beyond the gallery size for valid queries
             return float(cmc[min(k, len(cmc)) - 1])
 
-        return {
+        out = {
             "rank1": rank(1),
             "rank5": rank(5),
             "rank10": rank(10),
             "mAP": float(mAP),
             "mINP": float(mINP),
         }
+        if roc is not None:
+            out.update(roc.result())
+        return out
 
     def topk_gallery(self, k: int = 10) -> RankList:
         """Top-k gallery lists of every query of the last :meth:`compute`, ranked by the
@@ -253,14 +264,13 @@ class ReIDMetric(Metric):
         if self._evaluated is None:
             raise RuntimeError("topk_gallery() needs a compute() first (and no reset() since)")
         s = self._evaluated
-        if s.distmat is not None:
-            positions, matches, dists = topk_gallery(
-                s.distmat, *s.labels, k=k, chunk_size=self.chunk_size
-            )
+        k = min(_check_positive_int(k, "k"), len(s.g_pids))
+        rows = _chunk_rows(self.chunk_size, len(s.q_pids), len(s.g_pids), s.qf.device)
+        if s.reranking is not None:
+            blocks = s.reranking.blocks(rows)
         else:
-            positions, matches, dists = _topk_features(
-                s.qf, s.gf, s.labels, self.metric, k, self.chunk_size
-            )
+            blocks = _feature_blocks(s.qf, s.gf, self.metric, rows)
+        positions, matches, dists = _topk_blocks(blocks, s.labels, k)
         g_index = s.g_index.to(positions.device)
         gallery_index = torch.where(positions >= 0, g_index[positions.clamp(min=0)], -1)
         return RankList(s.q_index, gallery_index, matches, dists)
@@ -269,3 +279,54 @@ class ReIDMetric(Metric):
         super().reset()
         self.last_cmc = None
         self._evaluated = None
+
+
+def evaluate_split(
+    qf: Tensor,
+    gf: Tensor,
+    labels: tuple[Tensor, Tensor, Tensor, Tensor],
+    metric: str = "euclidean",
+    ap: str = "standard",
+    rerank: tuple[int, int, float] | None = None,
+    aqe: bool = False,
+    qe_times: int = 1,
+    qe_k: int = 5,
+    alpha: float = 3.0,
+    roc: bool = False,
+    chunk_size: int | None = None,
+    topk: int | None = None,
+) -> tuple[dict[str, float], tuple[Tensor, Tensor] | None]:
+    """One evaluation setting of a query/gallery split, chunked on the features' device.
+
+    ``aqe``: alpha-query expansion first; ``rerank=(k1, k2, lambda)``: k-reciprocal re-ranking;
+    ``roc``: TPR@FPR keys. Returns ``({"rank1", "rank5", "rank10", "mAP", "mINP"[, "TPR@…"]},
+    (positions (Q, topk), matches (Q, topk)) on the CPU, or None without ``topk``)``.
+    labels: (q_pids, g_pids, q_camids, g_camids).
+    """
+    if aqe:
+        qf, gf = _aqe(qf, gf, qe_times, qe_k, alpha, chunk_size)
+    num_q, num_g = qf.shape[0], gf.shape[0]
+    rows = _chunk_rows(chunk_size, num_q, num_g, qf.device)
+    if rerank is not None:
+        state = _reranking(qf, gf, *rerank, metric, chunk_size)
+
+        def blocks() -> Blocks:
+            return state.blocks(rows)
+    else:
+
+        def blocks() -> Blocks:
+            return _feature_blocks(qf, gf, metric, rows)
+
+    labels = _labels(*labels, num_q, num_g, qf.device)
+    acc = ROCAccumulator(labels, DEFAULT_FPRS) if roc else None
+    cmc, mAP, mINP = _evaluate_blocks(
+        blocks(), labels, min(50, num_g), ap, "evaluate_split", [acc] if acc else ()
+    )
+    out = {f"rank{k}": float(cmc[min(k, len(cmc)) - 1]) for k in (1, 5, 10)}
+    out.update({"mAP": float(mAP), "mINP": float(mINP)})
+    if acc is not None:
+        out.update(acc.result())
+    if topk is None:
+        return out, None
+    positions, matches, _ = _topk_blocks(blocks(), labels, min(topk, num_g))
+    return out, (positions.cpu(), matches.cpu())

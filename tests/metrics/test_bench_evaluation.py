@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from src.bench import evaluation
 from tests.metrics._naive import naive_evaluate as loop_evaluate
@@ -20,8 +21,16 @@ def test_bench_naive_reference_matches_test_reference():
 
 
 def test_run_quick_returns_markdown_with_identical_numbers():
-    text = evaluation.run(quick=True)
+    text = evaluation.run(quick=True, rerank=False)
     assert text.startswith("## Evaluation (Market-1501 protocol)")
     assert "**DIFFERENT**" not in text
     assert text.count("identical") >= 3  # two Market cases and the MSMT17 slice
     assert "peak memory above the features" in text and "Memory method:" in text
+
+
+@pytest.mark.slow
+def test_rerank_section_quick_finds_identical_numbers():
+    text = evaluation.rerank_section(quick=True)
+    assert text.startswith("## Re-ranking")
+    assert "Same numbers: identical" in text and "**DIFFERENT**" not in text
+    assert text.count("peak memory above the features") == 2  # Market table and MSMT17 table

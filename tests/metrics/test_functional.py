@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from src.metrics import functional as MF
+from src.metrics import rank as MF
 from src.metrics.functional import (
     SkippedQueriesWarning,
     compute_distance_matrix,
@@ -335,3 +335,31 @@ def test_gpu_matches_cpu():
     positions, matches, _ = topk_gallery(compute_distance_matrix(qf, gf).cuda(), *labels)
     expected = topk_gallery(compute_distance_matrix(qf, gf), *labels)
     assert torch.equal(positions.cpu(), expected[0]) and torch.equal(matches.cpu(), expected[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_features_evaluate_on_the_device_like_the_cpu():
+    from src.metrics import evaluate_reranked
+    from src.metrics._inputs import chunk_elements
+    from src.metrics.query_expansion import aqe
+    from src.metrics.roc import tpr_at_fpr
+
+    rng = np.random.default_rng(0)
+    qf = torch.tensor(rng.standard_normal((50, 16)), dtype=torch.float32)
+    gf = torch.tensor(rng.standard_normal((400, 16)), dtype=torch.float32)
+    labels = (rng.integers(0, 20, 50), rng.integers(0, 20, 400), rng.integers(0, 3, 50),
+              rng.integers(0, 3, 400))  # fmt: skip
+    assert chunk_elements(torch.device("cuda")) >= chunk_elements(torch.device("cpu"))
+    cpu = _quiet(evaluate_features, qf, gf, *labels)
+    gpu = _quiet(evaluate_features, qf.cuda(), gf.cuda(), *labels)
+    np.testing.assert_array_equal(cpu[0], gpu[0])
+    assert cpu[1:] == pytest.approx(gpu[1:], abs=1e-6)
+    cpu = _quiet(evaluate_reranked, qf, gf, *labels)
+    gpu = _quiet(evaluate_reranked, qf.cuda(), gf.cuda(), *labels)
+    assert cpu[1:] == pytest.approx(gpu[1:], abs=1e-4)
+    eq, eg = aqe(qf.cuda(), gf.cuda(), qe_k=5)
+    assert eq.is_cuda and eg.is_cuda
+    d = compute_distance_matrix(qf.cuda(), gf.cuda())
+    roc_gpu, roc_cpu = tpr_at_fpr(d, *labels), tpr_at_fpr(d.cpu(), *labels)
+    assert roc_gpu == pytest.approx(roc_cpu, abs=1e-2)

@@ -217,3 +217,30 @@ def test_ddp_two_ranks_equal_single_process():
             np.testing.assert_array_equal(saved["cmc"], single.last_cmc)
             for a, b in zip(saved["topk"], expected_topk):
                 assert torch.equal(a, b)
+
+
+def test_aqe_and_roc_equal_the_functional_composition():
+    from src.metrics.query_expansion import aqe
+    from src.metrics.roc import tpr_at_fpr
+
+    data = _dataset(3)
+    metric = ReIDMetric(metric="cosine", aqe=True, qe_k=4, alpha=3.0, roc=True, chunk_size=5)
+    _feed(
+        metric, data, torch.randperm(NUM_Q + NUM_G, generator=torch.Generator().manual_seed(1)), 9
+    )
+    got = metric.compute()
+    q, g = data["is_query"], ~data["is_query"]
+    qf, gf = aqe(data["feat"][q], data["feat"][g], 1, 4, 3.0)
+    dist = compute_distance_matrix(qf, gf, "cosine")
+    labels = (data["pid"][q], data["pid"][g], data["camid"][q], data["camid"][g])
+    cmc, mAP, mINP = evaluate_rank(dist, *labels)
+    assert got["rank1"] == pytest.approx(cmc[0], abs=1e-12)
+    assert (got["mAP"], got["mINP"]) == pytest.approx((mAP, mINP), abs=1e-12)
+    roc = tpr_at_fpr(dist, *labels)
+    assert set(roc) == {"TPR@FPR=1e-04", "TPR@FPR=1e-03", "TPR@FPR=1e-02"}
+    for key, value in roc.items():
+        assert got[key] == pytest.approx(value, abs=1e-12), key
+    # rank lists follow the expanded features
+    ranks = metric.topk_gallery(3)
+    expected = topk_gallery(dist, *labels, k=3)[0]
+    assert torch.equal(torch.where(ranks.gallery_index >= 0, ranks.gallery_index, -1), expected)

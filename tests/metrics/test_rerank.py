@@ -78,3 +78,92 @@ def test_input_validation():
     bad[0, 0] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         re_ranking(bad, qq, gg, k1=2, k2=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Chunked re-ranking from features (evaluate_reranked / re_ranking_features) vs the dense one
+# ---------------------------------------------------------------------------------------------
+def _dense_reference(qf, gf, k1, k2, lam, metric):
+    d = {m: compute_distance_matrix(a, b, metric) for m, (a, b) in
+         {"qg": (qf, gf), "qq": (qf, qf), "gg": (gf, gf)}.items()}  # fmt: skip
+    return re_ranking(d["qg"], d["qq"], d["gg"], k1=k1, k2=k2, lambda_value=lam)
+
+
+@pytest.mark.parametrize(
+    ("k1", "k2", "lam", "metric", "chunk"),
+    [(20, 6, 0.3, "euclidean", None), (5, 1, 0.0, "cosine", 1), (7, 3, 1.0, "euclidean", 4),
+     (3, 12, 0.5, "cosine", 7), (10, 2, 0.3, "euclidean", 1)],
+)  # fmt: skip
+def test_chunked_equals_dense_reference(k1, k2, lam, metric, chunk):
+    from src.metrics import re_ranking_features
+
+    rng = np.random.default_rng(k1 + k2)
+    qf, gf = _blobs(rng, 30, 90, num_ids=6, dim=5)
+    expected = _dense_reference(qf, gf, k1, k2, lam, metric)
+    got = re_ranking_features(qf, gf, k1, k2, lam, metric, chunk_size=chunk)
+    assert isinstance(got, torch.Tensor) and got.dtype == torch.float32
+    np.testing.assert_allclose(got.numpy(), expected, atol=3e-7)
+
+
+def test_chunked_equals_dense_with_ties_and_tiny_budgets(monkeypatch):
+    from src.metrics import re_ranking_features
+    from src.metrics import rerank as RR
+
+    monkeypatch.setattr(RR, "_PAIR_BUDGET", 40)
+    monkeypatch.setattr(RR, "_SET_BUDGET", 50)
+    rng = np.random.default_rng(3)
+    # integer grid features: exact, symmetric distances with many ties and duplicates
+    qf = torch.tensor(rng.integers(0, 3, (12, 2)), dtype=torch.float32)
+    gf = torch.tensor(rng.integers(0, 3, (40, 2)), dtype=torch.float32)
+    for k1, k2 in ((6, 3), (4, 1)):
+        expected = _dense_reference(qf, gf, k1, k2, 0.3, "euclidean")
+        got = re_ranking_features(qf, gf, k1, k2, 0.3, chunk_size=5)
+        np.testing.assert_allclose(got.numpy(), expected, atol=3e-7)
+
+
+def test_evaluate_reranked_equals_dense_protocol_with_junk_and_distractors():
+    from src.metrics import evaluate_rank, evaluate_reranked
+
+    rng = np.random.default_rng(7)
+    centres = rng.standard_normal((8, 6)) * 1.5
+    q_pids = rng.integers(1, 8, 25)
+    g_pids = np.concatenate([rng.integers(1, 8, 70), np.zeros(20, int)])  # 20 distractors
+    q_cams, g_cams = rng.integers(0, 3, 25), rng.integers(0, 3, 90)  # same-camera junk
+    qf = torch.tensor(centres[q_pids] + rng.standard_normal((25, 6)), dtype=torch.float32)
+    gf = torch.tensor(centres[g_pids] + rng.standard_normal((90, 6)), dtype=torch.float32)
+    labels = (q_pids, g_pids, q_cams, g_cams)
+    dense = _dense_reference(qf, gf, 8, 3, 0.3, "euclidean")
+    for chunk in (None, 1, 6):
+        for ap in ("standard", "market_trapezoid"):
+            exp = evaluate_rank(dense, *labels, max_rank=20, ap=ap)
+            got = evaluate_reranked(qf, gf, *labels, k1=8, k2=3, chunk_size=chunk, max_rank=20,
+                                    ap=ap)  # fmt: skip
+            np.testing.assert_array_equal(got[0], exp[0])
+            assert got[1:] == pytest.approx(exp[1:], abs=1e-12)
+
+
+def test_chunked_input_validation():
+    from src.metrics import evaluate_reranked, re_ranking_features
+
+    qf, gf = torch.zeros(2, 3), torch.zeros(5, 3)
+    with pytest.raises(ValueError, match="must not exceed"):
+        re_ranking_features(qf, gf, k1=20)
+    with pytest.raises(ValueError, match="lambda_value"):
+        re_ranking_features(qf, gf, k1=2, lambda_value=-0.1)
+    with pytest.raises(ValueError, match="feature dims differ"):
+        re_ranking_features(qf, torch.zeros(5, 4), k1=2)
+    with pytest.raises(ValueError, match="q_pids"):
+        evaluate_reranked(qf, gf, [1], [1] * 5, [0, 0], [1] * 5, k1=2, k2=1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_reranking_matches_cpu_and_stays_on_device():
+    from src.metrics import re_ranking_features
+
+    rng = np.random.default_rng(0)
+    qf, gf = _blobs(rng, 60, 300, num_ids=10, dim=16)
+    cpu = re_ranking_features(qf, gf)
+    gpu = re_ranking_features(qf.cuda(), gf.cuda())
+    assert gpu.is_cuda
+    np.testing.assert_allclose(gpu.cpu().numpy(), cpu.numpy(), atol=1e-5)
