@@ -163,3 +163,13 @@ def test_center_sgd_group_state_dict_round_trip_and_fixed_lr():
     torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[1]).step()
     with pytest.raises(ValueError, match="'center' param group changed"):
         opt.step()
+
+
+def test_centres_start_standard_normal_and_hand_their_sgd_group():
+    torch.manual_seed(0)
+    loss_fn = CenterLoss(num_classes=500, feat_dim=64, weight=5e-4, lr=0.5)
+    c = loss_fn.centers.detach()
+    assert abs(c.mean().item()) < 0.01 and abs(c.std().item() - 1) < 0.01  # N(0, 1), 32,000 draws
+    group = loss_fn.sgd_param_group()
+    assert group["params"] == [loss_fn.centers]
+    assert (group["lr"], group["grad_scale"], group["weight_decay"]) == (0.5, 2000.0, 0.0)
