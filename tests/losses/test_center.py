@@ -169,7 +169,9 @@ def test_centres_start_standard_normal_and_hand_their_sgd_group():
     torch.manual_seed(0)
     loss_fn = CenterLoss(num_classes=500, feat_dim=64, weight=5e-4, lr=0.5)
     c = loss_fn.centers.detach()
-    assert abs(c.mean().item()) < 0.01 and abs(c.std().item() - 1) < 0.01  # N(0, 1), 32,000 draws
+    assert (
+        abs(c.mean().item()) < 0.03 and abs(c.std().item() - 1) < 0.03
+    )  # N(0, 1): 32,000 draws, 5 sigma
     group = loss_fn.sgd_param_group()
     assert group["params"] == [loss_fn.centers]
     assert (group["lr"], group["grad_scale"], group["weight_decay"]) == (0.5, 2000.0, 0.0)
