@@ -192,8 +192,15 @@ class WithSGDGroups(torch.optim.Optimizer):
         self._link()
 
     def _link(self) -> None:
-        self.param_groups = self.main.param_groups + self.sgd.param_groups
-        self.state = ChainMap(self.main.state, self.sgd.state)  # type: ignore[assignment]
+        """Share the sub-optimizers' group dicts and state, in place (a holder of
+        ``param_groups`` or ``state``, e.g. a wrapper made before a resume, sees the new ones)."""
+        groups = self.main.param_groups + self.sgd.param_groups
+        if isinstance(self.state, ChainMap):
+            self.param_groups[:] = groups
+            self.state.maps[:] = [self.main.state, self.sgd.state]
+        else:  # first call, from __init__
+            self.param_groups = groups
+            self.state = ChainMap(self.main.state, self.sgd.state)  # type: ignore[assignment]
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]

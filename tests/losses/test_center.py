@@ -175,3 +175,25 @@ def test_centres_start_standard_normal_and_hand_their_sgd_group():
     group = loss_fn.sgd_param_group()
     assert group["params"] == [loss_fn.centers]
     assert (group["lr"], group["grad_scale"], group["weight_decay"]) == (0.5, 2000.0, 0.0)
+
+
+def test_center_sgd_group_is_unscaled_by_a_grad_scaler():
+    """fp16 loss scaling: GradScaler.unscale_ walks `param_groups`, which list the centres, so
+    a scaled step equals the unscaled one."""
+    torch.manual_seed(0)
+    plain, scaled = _Net(), _Net()
+    scaled.load_state_dict(plain.state_dict())
+    x, y = torch.randn(6, 5), torch.tensor([0, 0, 1, 1, 2, 2])
+    opt_a = build_optimizer(plain, partial(torch.optim.Adam, lr=1e-2))
+    opt_b = build_optimizer(scaled, partial(torch.optim.Adam, lr=1e-2))
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    for _ in range(2):
+        opt_a.zero_grad()
+        plain.loss(x, y).backward()
+        opt_a.step()
+        opt_b.zero_grad()
+        scaler.scale(scaled.loss(x, y)).backward()
+        scaler.step(opt_b)
+        scaler.update()
+    for a, b in zip(plain.state_dict().values(), scaled.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b)

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import hydra
 import pytest
 import torch
 
-from src.losses import CenterLoss
+from src.losses import CenterLoss, CrossEntropyLabelSmooth, TripletLoss
 from src.systems.optim import WithSGDGroups
+from src.systems.steps import supervised_objective
 from src.train import train
 from tests.conftest import tiny_overrides
 
@@ -58,3 +60,26 @@ def test_bot_resume_restores_the_centres_and_both_optimizers(make_cfg, tiny_data
     assert "center_loss.centers" in a and a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_supervised_objective_adds_the_weighted_center_term():
+    torch.manual_seed(0)
+    feats, pids = torch.randn(8, 6), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    logits = torch.randn(8, 4)
+    outputs = {"global_feat": feats, "bn_feat": feats, "logits": logits, "local_feat": None}
+    tri, ce = TripletLoss(margin=0.3), CrossEntropyLabelSmooth(4, epsilon=0.1)
+    center = CenterLoss(num_classes=4, feat_dim=6, weight=5e-4)
+    weights = {"metric": 1.0, "ce": 1.0, "center": 5e-4}
+    total, terms = supervised_objective(outputs, pids, tri, ce, weights, center_loss=center)
+    want = tri(feats, pids) + ce(logits, pids) + 5e-4 * center(feats, pids)
+    torch.testing.assert_close(total, want)
+    torch.testing.assert_close(terms["loss_center"], center(feats, pids))
+
+
+def test_center_weight_must_match_the_loss_weight(make_cfg):
+    cfg = make_cfg(
+        ["experiment=market_bot", "model.backbone.name=resnet18", "model.backbone.pretrained=false"]
+        + ["loss.weights.center=0.001"]
+    )
+    with pytest.raises(Exception, match="must equal the center loss weight"):
+        hydra.utils.instantiate(cfg.system, num_classes=5)
