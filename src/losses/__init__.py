@@ -1,8 +1,9 @@
 """Losses of the re-ID papers: batch-hard triplet, FaceNet triplet, AlignedReID, label-smoothed
-cross-entropy, and the MAR terms. Every loss computes in fp32 under autocast. See docs/losses.md.
+cross-entropy, center loss, and the MAR terms. Every loss computes in fp32 under autocast. See docs/losses.md.
 """
 
 from .aligned_triplet import AlignedTripletLoss, AlignedTripletStats
+from .center import CenterLoss
 from .distributed import gather_with_grad
 from .label_smooth import CrossEntropyLabelSmooth
 from .mar import DiscriminativeLoss, JointLoss, MultilabelLoss, soft_multilabel
@@ -12,6 +13,7 @@ from .triplet_margin import TripletMarginLoss
 __all__ = [
     "AlignedTripletLoss",
     "AlignedTripletStats",
+    "CenterLoss",
     "CrossEntropyLabelSmooth",
     "DiscriminativeLoss",
     "JointLoss",

@@ -1,10 +1,13 @@
-"""Heads on top of the pooled feature: BNNeck and identity classifiers."""
+"""Heads on top of the pooled feature: BNNeck, the TriNet embedding head and identity
+classifiers."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from torch import Tensor, nn
 
-__all__ = ["BNNeck", "build_classifier", "init_classifier"]
+__all__ = ["BNNeck", "EmbeddingHead", "build_classifier", "init_classifier"]
 
 
 class BNNeck(nn.Module):
@@ -30,6 +33,45 @@ class BNNeck(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.bn(x)
+
+
+class EmbeddingHead(nn.Module):
+    """TriNet's embedding head (Hermans et al. 2017, §4 "TriNet"; triplet-reid
+    ``heads/fc1024.py``): for every hidden width a bias-free Linear -> BatchNorm1d -> ReLU, then a
+    Linear to the embedding (``dims=(1024, 128)``: 2048 -> 1024-BN-ReLU -> 128).
+
+    Initialisation as the original (TF-slim): hidden Linear weights Glorot-uniform, BN weight 1
+    and shift 0 (momentum 0.1 = TF decay 0.9, eps 1e-5), final Linear orthogonal with zero bias.
+
+    Args:
+        in_dim: D, the pooled feature dimension.
+        dims: hidden widths then the embedding dimension (at least one value).
+
+    Shape:
+        ``(N, in_dim) -> (N, dims[-1])``.
+    """
+
+    def __init__(self, in_dim: int, dims: Sequence[int]) -> None:
+        super().__init__()
+        dims = [int(d) for d in dims]
+        if not dims or min(dims) < 1:
+            raise ValueError(f"model.head_dims needs positive widths, got {dims}")
+        layers: list[nn.Module] = []
+        width = in_dim
+        for hidden in dims[:-1]:
+            linear = nn.Linear(width, hidden, bias=False)
+            nn.init.xavier_uniform_(linear.weight)
+            layers += [linear, nn.BatchNorm1d(hidden, eps=1e-5, momentum=0.1), nn.ReLU(True)]
+            width = hidden
+        out = nn.Linear(width, dims[-1])
+        nn.init.orthogonal_(out.weight)
+        nn.init.zeros_(out.bias)
+        layers.append(out)
+        self.layers = nn.Sequential(*layers)
+        self.out_dim = dims[-1]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.layers(x)
 
 
 def init_classifier(linear: nn.Linear, std: float = 0.001) -> nn.Linear:

@@ -4,13 +4,13 @@ plus an optional AlignedReID local branch on the last feature map."""
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import Tensor, nn
 
 from src.models.backbones import build_backbone
-from src.models.heads import BNNeck, build_classifier
+from src.models.heads import BNNeck, EmbeddingHead, build_classifier
 from src.models.local_branch import LocalBranch
 from src.models.pooling import build_pooling
 
@@ -25,7 +25,8 @@ class ReIDNet(nn.Module):
 
     Common settings:
 
-    * Hermans et al. batch-hard triplet: ``neck="none", num_classes=0``.
+    * Hermans et al. batch-hard triplet (TriNet): ``last_stride=2, head_dims=(1024, 128),
+      neck="none", num_classes=0``.
     * Bag of Tricks strong baseline: ``last_stride=1, neck="bnneck", num_classes=#ids,
       classifier_bias=False, embed="bn"`` (triplet on ``global_feat``, CE on ``logits``).
     * AlignedReID: ``local_branch=True`` (local features for the aligned local distance).
@@ -49,9 +50,13 @@ class ReIDNet(nn.Module):
             feature when ``neck="none"``) or ``"global"`` (pooled feature before BNNeck).
         gem_p: initial GeM exponent (``pooling="gem"`` only).
         local_pool: ``"max"`` (AlignedReID paper) or ``"avg"`` pooling of each stripe.
+        head_dims: TriNet embedding head on the pooled feature (:class:`EmbeddingHead`):
+            hidden widths then the embedding size, e.g. ``(1024, 128)``; empty: none. With a
+            head, ``global_feat`` (and ``feat_dim``) is the head's output.
 
     Attributes:
-        feat_dim: D, dimension of the pooled feature (512 for resnet18/34, 2048 for 50/101).
+        feat_dim: D, dimension of ``global_feat``: the pooled feature (512 for resnet18/34, 2048
+            for 50/101), or the embedding head's output.
         num_classes: classifier outputs C (0 when there is no classifier).
         classifier: ``nn.Linear(D, C)`` or ``None``.
         neck: :class:`BNNeck` or ``None``.
@@ -75,6 +80,7 @@ class ReIDNet(nn.Module):
         embed: str = "bn",
         gem_p: float = 3.0,
         local_pool: str = "max",
+        head_dims: Sequence[int] = (),
     ) -> None:
         super().__init__()
         if isinstance(backbone, Mapping):
@@ -110,6 +116,10 @@ class ReIDNet(nn.Module):
             last_relu=last_relu,
         )
         self.pool = build_pooling(pooling, p=gem_p) if pooling == "gem" else build_pooling(pooling)
+        pooled_dim = self.feat_dim
+        self.head = EmbeddingHead(pooled_dim, head_dims) if len(head_dims) else None
+        if self.head is not None:
+            self.feat_dim = self.head.out_dim
         self.neck = BNNeck(self.feat_dim) if neck == "bnneck" else None
         self.num_classes = num_classes
         self.classifier = (
@@ -118,7 +128,7 @@ class ReIDNet(nn.Module):
             else None
         )
         self.local_branch = (
-            LocalBranch(self.feat_dim, local_dim, pool=local_pool) if local_branch else None
+            LocalBranch(pooled_dim, local_dim, pool=local_pool) if local_branch else None
         )
         self.embedding = embed
 
@@ -135,7 +145,8 @@ class ReIDNet(nn.Module):
 
         Returns:
             dict with
-            ``"global_feat"``: ``(N, D)`` pooled feature before the neck (triplet loss input);
+            ``"global_feat"``: ``(N, D)`` pooled feature (through the embedding head, if any)
+            before the neck (triplet loss input);
             ``"bn_feat"``: ``(N, D)`` after BNNeck (the same tensor as ``global_feat`` when
             ``neck="none"``);
             ``"logits"``: ``(N, C)`` classifier output on ``bn_feat`` (on ``global_feat`` when no
@@ -145,6 +156,8 @@ class ReIDNet(nn.Module):
         """
         feature_map = self.backbone(x)  # (N, D, h, w)
         global_feat = self.pool(feature_map)  # (N, D)
+        if self.head is not None:
+            global_feat = self.head(global_feat)
         bn_feat = self.neck(global_feat) if self.neck is not None else global_feat
         logits = self.classifier(bn_feat) if self.classifier is not None else None
         local_feat = self.local_branch(feature_map) if self.local_branch is not None else None
@@ -162,6 +175,8 @@ class ReIDNet(nn.Module):
         the classifier and the local branch. Call in eval mode (BN running statistics).
         """
         feat = self.pool(self.backbone(x))
+        if self.head is not None:
+            feat = self.head(feat)
         if self.embedding == "bn" and self.neck is not None:
             feat = self.neck(feat)
         return feat

@@ -238,7 +238,9 @@ class ReIDSystem(L.LightningModule):
         if self.scheduler_factory is None:
             return {"optimizer": optimizer}
         scheduler = self.scheduler_factory(optimizer=optimizer)
+        # a schedule counted in optimizer steps says so (ExponentialDecayLR(interval="step"))
+        interval = getattr(scheduler, "interval", "epoch")
         return {
             "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "epoch", "frequency": 1},
+            "lr_scheduler": {"scheduler": scheduler, "interval": interval, "frequency": 1},
         }

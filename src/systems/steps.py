@@ -28,19 +28,21 @@ def supervised_objective(
     metric_loss: TripletLoss | AlignedTripletLoss | None,
     ce_loss: nn.Module | None,
     weights: Mapping[str, float],
+    center_loss: nn.Module | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Weighted sum of the metric-learning loss and the (label-smoothed) CE.
+    """Weighted sum of the metric-learning loss, the (label-smoothed) CE and the center loss.
 
     Args:
         outputs: `ReIDNet.forward` dict: "global_feat" (N, D) feeds the triplet loss (before the
             BNNeck, as in the strong baseline); "logits" (N, C) feed the CE; "local_feat"
             (N, m, d) feeds the aligned local loss.
         pids: (N,) identity labels.
-        weights: keys "metric", "ce" and, for AlignedReID, "local".
+        weights: keys "metric", "ce" and, for AlignedReID, "local"; "center" with a center loss.
+        center_loss: `CenterLoss` on "global_feat" (before BNNeck, as reid-strong-baseline).
 
     Returns:
-        (total loss, detached terms for logging: loss_tri / loss_local / loss_ce / dist_ap /
-        dist_an / acc).
+        (total loss, detached terms for logging: loss_tri / loss_local / loss_ce / loss_center /
+        dist_ap / dist_an / acc).
     """
     total = outputs["global_feat"].new_zeros((), dtype=torch.float32)
     terms: dict[str, Tensor] = {}
@@ -71,5 +73,9 @@ def supervised_objective(
         total = total + weights.get("ce", 1.0) * loss_c
         terms["loss_ce"] = loss_c.detach()
         terms["acc"] = (logits.detach().argmax(1) == pids).float().mean()
+    if center_loss is not None:
+        loss_center = center_loss(outputs["global_feat"], pids)
+        total = total + weights["center"] * loss_center
+        terms["loss_center"] = loss_center.detach()
     terms["loss"] = total.detach()
     return total, terms

@@ -57,10 +57,12 @@ def test_warmup_cosine_by_hand():
 
 
 def test_exponential_decay_reaches_the_final_factor():
-    got = lrs(partial(ExponentialDecayLR, decay_start=2, max_epochs=4, final_factor=0.01), 5)
-    assert got == pytest.approx([1.0, 1.0, 1.0, 0.1, 0.01])
-    # a shortened run (decay_start beyond the end) keeps the lr constant instead of failing
-    assert lrs(partial(ExponentialDecayLR, decay_start=10, max_epochs=3), 3) == [1.0] * 3
+    got = lrs(partial(ExponentialDecayLR, decay_start=2, decay_end=4, final_factor=0.01), 6)
+    assert got == pytest.approx([1.0, 1.0, 1.0, 0.1, 0.01, 0.01])
+    with pytest.raises(ValueError, match="decay_start < decay_end"):
+        lrs(partial(ExponentialDecayLR, decay_start=3, decay_end=3), 1)
+    with pytest.raises(ValueError, match="interval"):
+        lrs(partial(ExponentialDecayLR, decay_start=0, decay_end=3, interval="batch"), 1)
 
 
 def test_build_optimizer_excludes_norm_parameters_from_weight_decay():
@@ -90,3 +92,16 @@ def test_group_options_compose_and_run(overrides, make_cfg, tiny_data_root):
     cfg = make_cfg(base + overrides + ["debug=fdr", "test=false"])
     metrics, objects = train(cfg)
     assert metrics["train/loss_step"] > 0
+
+
+def test_build_optimizer_norm_and_bias_weight_decay_keys():
+    """`optimizer.norm_weight_decay` / `bias_weight_decay` are consumed by build_optimizer (BoT
+    decays every parameter) and never reach the optimizer's constructor."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2, bias=False))
+    factory = partial(
+        torch.optim.Adam, lr=1e-3, weight_decay=5e-4, norm_weight_decay=1e-4, bias_weight_decay=2e-4
+    )
+    opt = build_optimizer(model, factory)
+    decays = {g["name"]: (g["weight_decay"], len(g["params"])) for g in opt.param_groups}
+    assert decays == {"decay": (5e-4, 2), "norm": (1e-4, 2), "bias": (2e-4, 1)}
+    assert "norm_weight_decay" not in opt.defaults

@@ -79,8 +79,8 @@ def test_every_experiment_composes_with_its_recipe(experiment, make_cfg):
         "msmt17_to_duke_mar": ("data.height", 384),
         "synthetic_triplet": ("loss.margin", 0.3),
         # the recipes' schedules are scheduler options of their own (see the test below)
-        "market_triplet": ("scheduler.decay_start", 80),
-        "market_aligned": ("scheduler.decay_start", 75),
+        "market_triplet": ("scheduler.decay_start", 15000),
+        "market_aligned": ("scheduler.decay_start", 74),
         "msmt17_source_pretrain": ("scheduler.milestones", [30]),
         "synthetic_source_pretrain": ("scheduler.milestones", [8, 11]),
         "synthetic_mar": ("scheduler.milestones", [11, 16]),
