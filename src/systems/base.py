@@ -14,6 +14,7 @@ from torchmetrics import MaxMetric
 from torchmetrics.utilities import dim_zero_cat
 
 from src.metrics import RankList, ReIDMetric
+from src.systems import checkpoint_meta
 from src.systems.optim import build_optimizer
 from src.systems.steps import extract_embeddings
 
@@ -61,6 +62,8 @@ class ReIDSystem(L.LightningModule):
     """
 
     net: nn.Module
+    #: resolved run config (primitives) for the checkpoint metadata; src.train sets it
+    run_config: dict[str, Any] | None = None
 
     def __init__(
         self,
@@ -175,6 +178,26 @@ class ReIDSystem(L.LightningModule):
         results = self._compute(self.test_metric, "test")
         if results is not None:
             self.log_dict({f"test/{k}": v for k, v in results.items()})
+
+    # ----------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint_meta.write_metadata(self, checkpoint)  # self-describing (checkpoint_meta.py)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint_meta.restore_run_config(self, checkpoint)
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        """Lightning's loader; the network, losses, optimizer and scheduler (which are not
+        hyper-parameters) are rebuilt from the checkpoint's metadata unless passed."""
+        checkpoint = checkpoint_meta.load_checkpoint(checkpoint_path)
+        try:
+            factories = checkpoint_meta.init_factories(checkpoint, checkpoint_path, cls)
+        except checkpoint_meta.MissingMetadataError:
+            if "net" not in kwargs:
+                raise
+            factories = {}
+        return super().load_from_checkpoint(checkpoint_path, *args, **{**factories, **kwargs})
 
     # ----------------------------------------------------------------- optimisation
     def configure_optimizers(self) -> dict[str, Any]:
