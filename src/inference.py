@@ -86,7 +86,7 @@ class Preprocessing:
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """"auto": CUDA when available, else MPS, else CPU; anything else as torch.device."""
+    """ "auto": CUDA when available, else MPS, else CPU; anything else as torch.device."""
     if str(device) != "auto":
         return torch.device(device)
     if torch.cuda.is_available():

@@ -171,7 +171,9 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     """``torch.load(path, weights_only=True)`` on the CPU, with errors naming the file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"ckpt_path={path} does not exist (expected a Lightning .ckpt file)")
+        raise FileNotFoundError(
+            f"ckpt_path={path} does not exist (expected a Lightning .ckpt file)"
+        )
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # noqa: BLE001 - re-raised naming the file
@@ -258,9 +260,7 @@ def init_factories(
     }
 
 
-def load_system(
-    path: str | os.PathLike[str], map_location: Any = "cpu", **overrides: Any
-) -> Any:
+def load_system(path: str | os.PathLike[str], map_location: Any = "cpu", **overrides: Any) -> Any:
     """The :class:`ReIDSystem` of a self-describing checkpoint (class from its metadata), in eval
     mode, weights loaded strictly. `overrides` go to the constructor (e.g. ``flip_test``)."""
     import hydra

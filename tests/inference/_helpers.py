@@ -23,7 +23,7 @@ class EvalReference:
     camids: torch.Tensor
     is_query: torch.Tensor
     metric: str
-    mAP: float
+    map_score: float
 
 
 def eval_reference(ckpt: Path, flip: bool = False) -> EvalReference:
@@ -56,5 +56,5 @@ def eval_reference(ckpt: Path, flip: bool = False) -> EvalReference:
         camids=data["camid"],
         is_query=q,
         metric=metric,
-        mAP=float(mAP),
+        map_score=float(mAP),
     )

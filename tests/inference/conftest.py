@@ -50,9 +50,7 @@ def _train(overrides: Sequence[str], out_dir: Path) -> Path:
 def supervised_ckpt(tiny_data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Triplet + CE, ResNet-18 with BNNeck (embed=bn, euclidean), one epoch on the tiny A."""
     out = tmp_path_factory.mktemp("supervised_run")
-    return _train(
-        [*tiny_overrides(tiny_data_root), "trainer.max_epochs=1", "test=false"], out
-    )
+    return _train([*tiny_overrides(tiny_data_root), "trainer.max_epochs=1", "test=false"], out)
 
 
 @pytest.fixture(scope="session")

@@ -60,7 +60,11 @@ def test_checkpoint_carries_config_and_protocol_as_primitives(supervised_ckpt, m
         assert meta["data"]["height"] == 32 and meta["marlin_version"] == "0.1.0"
         assert len(meta["git_commit"]) == 40 or meta["git_commit"] == "unknown"
     mar_meta = torch.load(mar_ckpt, weights_only=True)["marlin"]
-    assert mar_meta["datasets"] == {"source": "synthetic", "target": "synthetic", "eval": "synthetic"}
+    assert mar_meta["datasets"] == {
+        "source": "synthetic",
+        "target": "synthetic",
+        "eval": "synthetic",
+    }
     assert mar_meta["data"]["target"]["domain"] == "B"
     assert torch.load(supervised_ckpt, weights_only=True)["marlin"]["input"]["mean"] == [
         0.485,
@@ -119,10 +123,15 @@ def test_eval_uses_the_runs_data_and_protocol(mar_ckpt, tiny_data_root, eval_cfg
     cfg = eval_cfg([*base, f"ckpt_path={mar_ckpt}"])
     rows = evaluate(cfg)
     written = json.loads(Path(cfg.paths.output_dir, "metrics.json").read_text())
-    assert written["protocol"] == {"metric": "cosine", "ap": "standard", "flip": False, "rerank": False}
+    assert written["protocol"] == {
+        "metric": "cosine",
+        "ap": "standard",
+        "flip": False,
+        "rerank": False,
+    }
     # the evaluator's own features of B, ranked by cosine: the same mAP, exactly
     ref = eval_reference(mar_ckpt)
-    assert rows["plain"]["mAP"] == ref.mAP
+    assert rows["plain"]["mAP"] == ref.map_score
     explicit = evaluate(
         eval_cfg(
             [
@@ -140,8 +149,15 @@ def test_eval_uses_the_runs_data_and_protocol(mar_ckpt, tiny_data_root, eval_cfg
     )
     assert explicit["plain"]["mAP"] == pytest.approx(float(mAP), abs=1e-6)
     # conf/eval.yaml's default data (synthetic A) is another dataset: another result
-    on_a = evaluate(eval_cfg([*tiny_overrides(tiny_data_root, train=False), "data=synthetic_a",
-                              f"ckpt_path={mar_ckpt}"]))
+    on_a = evaluate(
+        eval_cfg(
+            [
+                *tiny_overrides(tiny_data_root, train=False),
+                "data=synthetic_a",
+                f"ckpt_path={mar_ckpt}",
+            ]
+        )
+    )
     assert on_a["plain"]["mAP"] != rows["plain"]["mAP"]
 
 
