@@ -52,9 +52,15 @@ class EmbeddingModel(nn.Module):
 
 
 def export_onnx(
-    model: nn.Module, example: Tensor, out: Path, opset: int, dynamic_batch: bool
+    model: nn.Module,
+    example: Tensor,
+    out: Path,
+    opset: int,
+    dynamic_batch: bool,
+    threads: int | None = None,
 ) -> Callable[[np.ndarray], np.ndarray]:
-    """torch.onnx (the torch.export-based exporter) -> `out`; returns an ONNX Runtime runner."""
+    """torch.onnx (the torch.export-based exporter) -> `out`; returns an ONNX Runtime runner
+    (`threads` intra-op threads; None: ONNX Runtime's default)."""
     import onnxruntime as ort
 
     dynamic = {"images": {0: torch.export.Dim("batch", min=1)}} if dynamic_batch else None
@@ -72,7 +78,10 @@ def export_onnx(
             external_data=False,
             verbose=False,
         )
-    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(out), options, providers=["CPUExecutionProvider"])
 
     def run(x: np.ndarray) -> np.ndarray:
         return session.run(None, {"images": x})[0]
