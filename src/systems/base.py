@@ -181,7 +181,7 @@ class ReIDSystem(L.LightningModule):
 
     # ----------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        pass
+        checkpoint_meta.write_metadata(self, checkpoint)  # self-describing (checkpoint_meta.py)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint_meta.restore_run_config(self, checkpoint)
