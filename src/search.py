@@ -55,7 +55,6 @@ def gallery_features(
     """Features of every image under `gallery`; cached in ``<gallery>/.marlin_features/`` per
     checkpoint and flip (an unwritable gallery folder only disables the cache)."""
     root, paths = image_list(gallery)
-    paths = [p for p in paths if not p.startswith(CACHE_DIR)]
     if not paths:
         raise FileNotFoundError(f"gallery={gallery}: no images in this folder")
     out = None

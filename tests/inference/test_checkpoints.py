@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import hydra
@@ -179,3 +180,21 @@ def test_checkpoint_targets_are_restricted(supervised_ckpt, tmp_path):
     with pytest.raises(ValueError, match="only targets under"):
         TripletReIDModule.load_from_checkpoint(bad)
     assert hydra.utils.get_class("src.systems.TripletReIDModule") is TripletReIDModule
+
+
+def test_run_dir_takes_the_best_checkpoint_recorded_in_last(supervised_ckpt, tmp_path):
+    from omegaconf import OmegaConf
+
+    from src.eval import resolve_ckpt_path
+
+    checkpoints = tmp_path / "run" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    best = checkpoints / "epoch_003.ckpt"
+    shutil.copy(supervised_ckpt, best)
+    last = torch.load(supervised_ckpt, weights_only=True)
+    last["callbacks"] = {"ModelCheckpoint{'monitor': 'val/mAP'}": {"best_model_path": str(best)}}
+    torch.save(last, checkpoints / "last.ckpt")
+    cfg = OmegaConf.create({"ckpt_path": None, "run_dir": str(tmp_path / "run")})
+    assert resolve_ckpt_path(cfg) == best
+    best.unlink()  # a best checkpoint that is gone: the last one
+    assert resolve_ckpt_path(cfg) == checkpoints / "last.ckpt"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -41,7 +42,7 @@ def test_exported_model_gives_the_evaluators_features(
     sidecar, out = _export(ckpt, tmp_path, f"format={fmt}")
     atol = 1e-4 if fmt == "onnx" else 1e-5
     assert sidecar["parity"]["max_abs_diff"] <= atol and sidecar["parity"]["real_images"] == 16
-    assert json.loads(open(f"{out}.json").read()) == sidecar
+    assert json.loads(Path(f"{out}.json").read_text()) == sidecar
     extractor = FeatureExtractor.from_checkpoint(ckpt, device="cpu")
     spec = extractor.preprocessing
     assert sidecar["input"]["mean"] == list(spec.mean) and sidecar["input"]["std"] == list(spec.std)

@@ -6,7 +6,6 @@ import os
 import shutil
 
 import numpy as np
-import torch
 
 from src.inference import FeatureExtractor
 from src.metrics.functional import compute_distance_matrix, topk_gallery
@@ -34,21 +33,32 @@ def _search(ckpt, tmp_path, query, gallery, *overrides):
 
 
 def test_search_returns_the_evaluations_ranking(supervised_ckpt, tiny_data_root, tmp_path):
+    """Every query of the split, against the gallery folder (junk files included): the
+    evaluation's top-10 (junk and same-camera matches skipped), same order, same distances."""
     gallery = tmp_path / "gallery"
     shutil.copytree(tiny_data_root / "synthetic" / "A" / "bounding_box_test", gallery)
+    assert any(p.name.startswith("-1_") for p in gallery.iterdir())  # junk on disk
     ref = eval_reference(supervised_ckpt)
     q = ref.is_query
-    qi = 3  # a query of the split
-    query = ref.paths[int(torch.nonzero(q)[qi])]
-    result = _search(supervised_ckpt, tmp_path, query, gallery, "protocol_filter=true", "topk=5")
+    queries = tmp_path / "queries"
+    queries.mkdir()
+    query_paths = [p for p, is_q in zip(ref.paths, q.tolist()) if is_q]
+    for p in query_paths:
+        shutil.copy(p, queries / os.path.basename(p))
+    result = _search(supervised_ckpt, tmp_path, queries, gallery, "protocol_filter=true")
     dist = compute_distance_matrix(ref.feats[q], ref.feats[~q])
     positions, _, distances = topk_gallery(
-        dist, ref.pids[q], ref.pids[~q], ref.camids[q], ref.camids[~q], k=5
+        dist, ref.pids[q], ref.pids[~q], ref.camids[q], ref.camids[~q], k=10
     )
-    gallery_paths = [p for p, is_q in zip(ref.paths, q.tolist()) if not is_q]
-    expected = [os.path.basename(gallery_paths[i]) for i in positions[qi].tolist()]
-    assert [result.gallery_paths[i] for i in result.indices[0]] == expected
-    np.testing.assert_allclose(result.distances[0], distances[qi].numpy(), rtol=0, atol=1e-4)
+    gallery_paths = [os.path.basename(p) for p, is_q in zip(ref.paths, q.tolist()) if not is_q]
+    row_of = {os.path.basename(p): i for i, p in enumerate(query_paths)}
+    assert sorted(result.query_paths) == sorted(row_of)
+    for r, name in enumerate(result.query_paths):
+        i = row_of[name]
+        expected = [gallery_paths[g] if g >= 0 else None for g in positions[i].tolist()]
+        got = [result.gallery_paths[g] if g >= 0 else None for g in result.indices[r].tolist()]
+        assert got == expected, name
+        np.testing.assert_allclose(result.distances[r], distances[i].numpy(), rtol=0, atol=1e-4)
     assert (tmp_path / "search.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
