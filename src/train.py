@@ -16,6 +16,7 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig
 
+from src.systems import checkpoint_meta  # issue 13: self-describing checkpoints
 from src.utils import (
     RankedLogger,
     extras,
@@ -60,6 +61,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     system: L.LightningModule = hydra.utils.instantiate(
         cfg.system, _convert_="all", **data_kwargs_for(cfg.system, datamodule)
     )
+    system.run_config = checkpoint_meta.run_config(cfg)  # issue 13: self-describing checkpoints
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     loggers = instantiate_loggers(cfg.get("logger"))
     log.info(f"Instantiating trainer <{cfg.trainer._target_}>")

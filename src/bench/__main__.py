@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-BENCHMARKS = ("losses", "mar_losses", "evaluation")
+BENCHMARKS = ("losses", "mar_losses", "evaluation", "extract")
 
 
 def machine_description() -> str:

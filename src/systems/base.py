@@ -14,6 +14,7 @@ from torchmetrics import MaxMetric
 from torchmetrics.utilities import dim_zero_cat
 
 from src.metrics import RankList, ReIDMetric
+from src.systems import checkpoint_meta
 from src.systems.optim import build_optimizer
 from src.systems.steps import extract_embeddings
 from src.utils.precision import check_bf16_forward
@@ -63,6 +64,8 @@ class ReIDSystem(L.LightningModule):
     """
 
     net: nn.Module
+    #: resolved run config (primitives) for the checkpoint metadata; src.train sets it
+    run_config: dict[str, Any] | None = None
 
     def __init__(
         self,
@@ -89,7 +92,9 @@ class ReIDSystem(L.LightningModule):
     # ----------------------------------------------------------------- exact resume
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Every rank's global RNG states (python, numpy, torch CPU/CUDA) go into the
-        checkpoint: what the model draws (dropout, ...) continues exactly after a resume."""
+        checkpoint: what the model draws (dropout, ...) continues exactly after a resume.
+        The checkpoint also describes itself (network, data, protocol: checkpoint_meta.py)."""
+        checkpoint_meta.write_metadata(self, checkpoint)
         checkpoint["rng_states"] = gather_rng_states()
         # best-so-far values (torchmetrics keeps metric states out of the state_dict)
         checkpoint["val_best"] = {
@@ -98,6 +103,7 @@ class ReIDSystem(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint_meta.restore_run_config(self, checkpoint)
         best = checkpoint.get("val_best")
         if best is not None:
             self.val_map_best.max_value.copy_(best["mAP"])
@@ -231,6 +237,20 @@ class ReIDSystem(L.LightningModule):
         results = self._compute(self.test_metric, "test")
         if results is not None:
             self.log_dict({f"test/{k}": v for k, v in results.items()})
+
+    # ----------------------------------------------------------------- checkpoints
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        """Lightning's loader; the network, losses, optimizer and scheduler (which are not
+        hyper-parameters) are rebuilt from the checkpoint's metadata unless passed."""
+        checkpoint = checkpoint_meta.load_checkpoint(checkpoint_path)
+        try:
+            factories = checkpoint_meta.init_factories(checkpoint, checkpoint_path, cls)
+        except checkpoint_meta.MissingMetadataError:
+            if "net" not in kwargs:
+                raise
+            factories = {}
+        return super().load_from_checkpoint(checkpoint_path, *args, **{**factories, **kwargs})
 
     # ----------------------------------------------------------------- optimisation
     def configure_optimizers(self) -> dict[str, Any]:
