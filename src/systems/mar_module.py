@@ -404,16 +404,9 @@ class MARModule(ReIDSystem):
         )
         self._nonfinite |= out.nonfinite
         batch_size = source["img"].shape[0]
-        self.log(
-            "train/loss",
-            out.terms["loss"],
-            prog_bar=True,
-            on_step=True,
-            on_epoch=True,
-            batch_size=batch_size,
-        )
+        # No prog_bar: the progress bar reads its metrics on the host every batch (a sync).
         self.log_dict(
-            {f"train/{k}": v for k, v in out.terms.items() if k != "loss"},
+            {f"train/{k}": v for k, v in out.terms.items()},
             on_step=True,
             on_epoch=True,
             batch_size=batch_size,
