@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from src.losses.mar import DiscriminativeLoss, JointLoss, MultilabelLoss
 from src.systems import mar_init
 from src.systems.base import ReIDSystem
-from src.systems.mar_steps import MARWeights, describe_nonfinite, mar_train_step
+from src.systems.mar_steps import MARWeights, describe_nonfinite, mar_train_step, replica_drift
 
 INIT_MODES = ("exact", "sampled")
 
@@ -45,8 +45,12 @@ class MARModule(ReIDSystem):
             the MAR network: ``neck="none"``, ``classifier_bias=False``, no local branch.
         optimizer, scheduler: Hydra partials (scheduler stepped per epoch).
         joint_loss: `JointLoss` (RJ); None -> ``JointLoss(margin=1.0)``.
-        multilabel_loss: `MultilabelLoss` (CML) or a factory of it called with ``num_views``
-            (target cameras) and ``num_classes`` (K); None -> ``MultilabelLoss(batch_size=368)``.
+        multilabel_loss: `MultilabelLoss` (CML) or a factory of it called with ``batch_size``,
+            ``num_views`` (target cameras) and ``num_classes`` (K); None -> a default one.
+        cml_batch_size: the batch that sets the CML centre momentum η = cml_batch_size / 10000,
+            the original's total source + target batch (184 + 184 = 368). None (default): the
+            run's global batch, (data.batch_size + data.target_batch_size) × world size, set
+            when training starts. Ignored when ``multilabel_loss`` is a module (its own value).
         discriminative_loss: `DiscriminativeLoss` (MDL); None -> ``mining_ratio=0.005``.
         num_classes: K, source identities = agents (from the DataModule).
         num_target_train: N_t, target train images = memory rows (from the DataModule).
@@ -66,8 +70,9 @@ class MARModule(ReIDSystem):
         init_chunk_size: rows per block of the exact computation (memory O(chunk·N + k)).
         init_augment: soft multilabels of the augmented target images (as the original) or of
             the test transform.
-        finite_check_every_n_steps: read the fused non-finite flag every n steps (one host
-            sync); 0 checks at epoch ends only.
+        finite_check_every_n_steps: every n steps, read the fused non-finite flags and (under
+            DDP) the replica-drift flags of the MAR state (one all-reduce of a few checksums and
+            one host read); 0 checks at epoch ends only.
         flip_test, eval_metric, rerank, eval_ap: evaluation (MAR: cosine distance, no flip,
             no re-ranking).
         compile: `torch.compile` the backbone.
@@ -84,6 +89,7 @@ class MARModule(ReIDSystem):
         num_classes: int = 0,
         num_target_train: int = 0,
         num_target_cameras: int | None = None,
+        cml_batch_size: int | None = None,
         pretrained_ckpt: str | None = None,
         lambda_cml: float = 2e-4,
         lambda_ral: float = 50.0,
@@ -136,12 +142,17 @@ class MARModule(ReIDSystem):
         self.net = net(num_classes=num_classes)
         self._check_network()
         self.joint_loss = joint_loss if joint_loss is not None else JointLoss(margin=1.0)
-        if multilabel_loss is None:
-            multilabel_loss = MultilabelLoss(
-                batch_size=368, num_views=num_target_cameras, num_classes=num_classes
+        if cml_batch_size is not None and cml_batch_size < 1:
+            raise ValueError(f"loss.cml_batch_size must be >= 1 or null, got {cml_batch_size}")
+        # η from the global batch when training starts (until then the paper's 368)
+        self._cml_batch_auto = cml_batch_size is None and not isinstance(multilabel_loss, nn.Module)
+        if not isinstance(multilabel_loss, nn.Module):
+            factory = MultilabelLoss if multilabel_loss is None else multilabel_loss
+            multilabel_loss = factory(
+                batch_size=cml_batch_size or 368,
+                num_views=num_target_cameras,
+                num_classes=num_classes,
             )
-        elif not isinstance(multilabel_loss, nn.Module):
-            multilabel_loss = multilabel_loss(num_views=num_target_cameras, num_classes=num_classes)
         self.multilabel_loss = multilabel_loss
         self.discriminative_loss = (
             discriminative_loss
@@ -156,6 +167,13 @@ class MARModule(ReIDSystem):
         # Accumulated on the device every step, read every n steps: no per-step host sync.
         self.register_buffer("_nonfinite", torch.zeros(3, dtype=torch.bool), persistent=False)
         self._pretrained_path: str | None = None
+        # DDP: the MAR state is updated identically on every rank (same gathered batch, same
+        # kernels), so DDP must not re-send it from rank 0 before every forward
+        # (broadcast_buffers=True: 212 MB per step for Market-1501's memory). The network's
+        # BatchNorm buffers are still broadcast; `replica_drift` checks the claim periodically.
+        self._ddp_params_and_buffers_to_ignore = [
+            name for name, _ in self.named_buffers() if not name.startswith("net.")
+        ]
         if compile:
             self.net.compile_backbone()
 
@@ -250,8 +268,33 @@ class MARModule(ReIDSystem):
         self._pretrained_path = path
         rank_zero_info(f"MAR: loaded the stage-1 weights and {expected[0]} agents from {path}")
 
+    @property
+    def replicated_state(self) -> dict[str, Tensor]:
+        """The MAR state that must be equal on every rank: memory, visited flags, T, the CML
+        centres and the initialised flags (the buffers DDP does not broadcast)."""
+        buffers = dict(self.named_buffers())
+        return {n: buffers[n] for n in self._ddp_params_and_buffers_to_ignore if n != "_nonfinite"}
+
+    def global_batch_size(self) -> int:
+        """Source + target images of one step over all ranks (the CML momentum's batch)."""
+        datamodule = self.trainer.datamodule
+        per_rank = datamodule.batch_size + datamodule.target_batch_size
+        return int(per_rank * self.trainer.world_size)
+
+    def _set_cml_momentum(self) -> None:
+        if not self._cml_batch_auto:
+            return
+        batch = self.global_batch_size()
+        self.multilabel_loss.batch_size = batch
+        self.multilabel_loss.moment = batch / 10000
+        rank_zero_info(
+            f"MAR: CML centre momentum eta = {batch} / 10000 = {batch / 10000:g} (global batch "
+            f"over {self.trainer.world_size} rank(s); loss.cml_batch_size=null)"
+        )
+
     # ------------------------------------------------------------------ initialisation
     def on_train_start(self) -> None:
+        self._set_cml_momentum()  # not a buffer: set on every start, resumes included
         # on_train_start (not setup/on_fit_start): it runs after the checkpoint restore for every
         # strategy, so a resumed run sees mar_initialised=True and neither reads the stage-1
         # checkpoint nor recomputes the initialisation. Loading in place keeps the parameters
@@ -419,11 +462,24 @@ class MARModule(ReIDSystem):
         )
         return out.loss
 
-    def _raise_if_nonfinite(self) -> None:
-        flags = self._nonfinite.tolist()  # the one host read of the check
-        if any(flags):
+    def _check_state(self) -> None:
+        """Fail loudly on non-finite MAR state or (DDP) on ranks whose MAR state differs."""
+        state = self.replicated_state
+        drift = replica_drift(list(state.values()))  # all-reduce, no host read; False alone
+        flags = torch.cat([self._nonfinite, drift]).tolist()  # the one host read of the check
+        nonfinite, drifted = flags[: len(self._nonfinite)], flags[len(self._nonfinite) :]
+        if any(drifted):
+            names = [name for name, bad in zip(state, drifted) if bad]
+            raise RuntimeError(
+                f"MAR: the ranks' copies of {names} differ at epoch {self.current_epoch}, step "
+                f"{self.global_step}. They are updated identically on every rank from the "
+                "gathered batch and are not broadcast by DDP, so a difference means a rank "
+                "computed something else (non-deterministic kernels, different code or data on "
+                "one rank). Try torch.use_deterministic_algorithms(True); see docs/scaling.md."
+            )
+        if any(nonfinite):
             raise FloatingPointError(
-                f"MAR: non-finite values in {describe_nonfinite(flags)} at epoch "
+                f"MAR: non-finite values in {describe_nonfinite(nonfinite)} at epoch "
                 f"{self.current_epoch}, step {self.global_step}. Training stopped before the "
                 "state poisons the run (a NaN memory row makes every agreement NaN and T stays "
                 "NaN forever). Usual causes: too high a learning rate for the batch size (λ2=50 "
@@ -433,29 +489,7 @@ class MARModule(ReIDSystem):
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         every = self.hparams.finite_check_every_n_steps
         if every and (self.global_step % every == 0):
-            self._raise_if_nonfinite()
+            self._check_state()
 
     def on_train_epoch_end(self) -> None:
-        self._raise_if_nonfinite()
-        self._reanchor_state()
-
-    @torch.no_grad()
-    def _reanchor_state(self) -> None:
-        """DDP drift guard, once per epoch: copy rank 0's memory, T and centres to every rank.
-
-        The per-step updates are identical on every rank by construction (same gathered batch,
-        same kernels), so this is a no-op unless a backend's reductions differ in the last bit.
-        """
-        world, _ = mar_init.dist_world()
-        if world == 1:
-            return
-        for tensor in (
-            self.memory,
-            self.discriminative_loss.threshold,
-            self.multilabel_loss.center_mean,
-            self.multilabel_loss.center_std,
-        ):
-            dist.broadcast(tensor, src=0)
-        visited = self.memory_visited.to(torch.uint8)
-        dist.broadcast(visited, src=0)
-        self.memory_visited.copy_(visited.bool())
+        self._check_state()

@@ -230,10 +230,10 @@ def test_state_restored_exactly_from_a_checkpoint(tmp_path):
 
 def test_nonfinite_state_stops_training():
     module = make_module()
-    module._raise_if_nonfinite()  # all finite: no error
+    module._check_state()  # all finite: no error
     module._nonfinite[1] = True
     with pytest.raises(FloatingPointError, match="MDL threshold T"):
-        module._raise_if_nonfinite()
+        module._check_state()
 
 
 def test_init_rejects_nonfinite_statistics():
