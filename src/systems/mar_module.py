@@ -50,7 +50,8 @@ class MARModule(ReIDSystem):
         cml_batch_size: the batch that sets the CML centre momentum η = cml_batch_size / 10000,
             the original's total source + target batch (184 + 184 = 368). None (default): the
             run's global batch, (data.batch_size + data.target_batch_size) × world size, set
-            when training starts. Ignored when ``multilabel_loss`` is a module (its own value).
+            when training starts. Ignored when ``multilabel_loss`` is a module or a factory
+            with its own ``batch_size``.
         discriminative_loss: `DiscriminativeLoss` (MDL); None -> ``mining_ratio=0.005``.
         num_classes: K, source identities = agents (from the DataModule).
         num_target_train: N_t, target train images = memory rows (from the DataModule).
@@ -144,15 +145,16 @@ class MARModule(ReIDSystem):
         self.joint_loss = joint_loss if joint_loss is not None else JointLoss(margin=1.0)
         if cml_batch_size is not None and cml_batch_size < 1:
             raise ValueError(f"loss.cml_batch_size must be >= 1 or null, got {cml_batch_size}")
-        # η from the global batch when training starts (until then the paper's 368)
-        self._cml_batch_auto = cml_batch_size is None and not isinstance(multilabel_loss, nn.Module)
+        # η from the global batch when training starts (until then the paper's 368), unless the
+        # loss is a module or a factory that already fixes batch_size
+        self._cml_batch_auto = False
         if not isinstance(multilabel_loss, nn.Module):
             factory = MultilabelLoss if multilabel_loss is None else multilabel_loss
-            multilabel_loss = factory(
-                batch_size=cml_batch_size or 368,
-                num_views=num_target_cameras,
-                num_classes=num_classes,
-            )
+            kwargs: dict[str, Any] = {"num_views": num_target_cameras, "num_classes": num_classes}
+            if "batch_size" not in getattr(factory, "keywords", {}):
+                kwargs["batch_size"] = cml_batch_size or 368
+                self._cml_batch_auto = cml_batch_size is None
+            multilabel_loss = factory(**kwargs)
         self.multilabel_loss = multilabel_loss
         self.discriminative_loss = (
             discriminative_loss
@@ -171,9 +173,7 @@ class MARModule(ReIDSystem):
         # kernels), so DDP must not re-send it from rank 0 before every forward
         # (broadcast_buffers=True: 212 MB per step for Market-1501's memory). The network's
         # BatchNorm buffers are still broadcast; `replica_drift` checks the claim periodically.
-        self._ddp_params_and_buffers_to_ignore = [
-            name for name, _ in self.named_buffers() if not name.startswith("net.")
-        ]
+        self._ddp_params_and_buffers_to_ignore = self._mar_state_names()
         if compile:
             self.net.compile_backbone()
 
@@ -273,7 +273,11 @@ class MARModule(ReIDSystem):
         """The MAR state that must be equal on every rank: memory, visited flags, T, the CML
         centres and the initialised flags (the buffers DDP does not broadcast)."""
         buffers = dict(self.named_buffers())
-        return {n: buffers[n] for n in self._ddp_params_and_buffers_to_ignore if n != "_nonfinite"}
+        return {n: buffers[n] for n in self._mar_state_names() if n != "_nonfinite"}
+
+    def _mar_state_names(self) -> list[str]:
+        """Every buffer outside the network: the MAR state (and the per-rank non-finite flags)."""
+        return [name for name, _ in self.named_buffers() if not name.startswith("net.")]
 
     def global_batch_size(self) -> int:
         """Source + target images of one step over all ranks (the CML momentum's batch)."""
@@ -462,10 +466,15 @@ class MARModule(ReIDSystem):
         )
         return out.loss
 
+    def _state_drift(self) -> Tensor:
+        """(n,) bool per `replicated_state` entry: differs between ranks (one all-reduce, no
+        host read; all False in a single process)."""
+        return replica_drift(list(self.replicated_state.values()))
+
     def _check_state(self) -> None:
         """Fail loudly on non-finite MAR state or (DDP) on ranks whose MAR state differs."""
         state = self.replicated_state
-        drift = replica_drift(list(state.values()))  # all-reduce, no host read; False alone
+        drift = self._state_drift()
         flags = torch.cat([self._nonfinite, drift]).tolist()  # the one host read of the check
         nonfinite, drifted = flags[: len(self._nonfinite)], flags[len(self._nonfinite) :]
         if any(drifted):
