@@ -65,8 +65,8 @@ class MARModule(ReIDSystem):
         warmup_epochs: epochs without MDL and without memory writes (1 in the paper).
         init_mode: "exact" (chunked streaming top-k over all pairs) or "sampled" (T0 estimated
             from ``init_sampled_pairs`` random pairs; error in docs/mar.md).
-        init_cache_dir: folder caching (T0, centres) keyed by the checkpoint hash, the target
-            data and the settings; None disables the cache.
+        init_cache_dir: folder caching (T0, centres) keyed by the checkpoint hash and every
+            other input of the initialisation (`init_inputs`); None disables the cache.
         init_sampled_pairs, init_seed: settings of the sampled estimate.
         init_chunk_size: rows per block of the exact computation (memory O(chunk·N + k)).
         init_augment: soft multilabels of the augmented target images (as the original) or of
@@ -309,24 +309,53 @@ class MARModule(ReIDSystem):
             self.load_pretrained(self.hparams.pretrained_ckpt)
         self.initialise_mar_state(self.trainer.datamodule)
 
+    def init_inputs(self, datamodule: Any) -> dict[str, Any]:
+        """Everything the initialisation's result (T0, centres) depends on, besides the stage-1
+        weights: the network architecture (``repr``: last stride, last ReLU, pooling, ...), the
+        target data (spec and every record's path, labels, size and mtime), the image pipeline
+        (size, normalisation, augmentation settings), the randomness of the augmented pass (run
+        seed, sampler seed, batch size, workers, world size), the precision and device, and the
+        MAR settings (scale, K, mining ratio, mode, sampled pairs and seed)."""
+        hp = self.hparams
+        trainer = self._trainer
+        target_data = getattr(datamodule, "target_data", None)
+        records = getattr(target_data, "train", None)
+        return {
+            "network": repr(self.net),
+            "embedding": getattr(self.net, "embedding", None),
+            "target": getattr(datamodule, "target_spec", None) or {},
+            "target_records": None if records is None else mar_init.records_digest(records),
+            "num_items": hp.num_target_train,
+            "size": (getattr(datamodule, "height", None), getattr(datamodule, "width", None)),
+            "stats": getattr(datamodule, "stats", {}).get("target"),
+            "augment": hp.init_augment,
+            "augmentation": getattr(datamodule, "augment", None) if hp.init_augment else None,
+            "run_seed": torch.initial_seed(),
+            "data_seed": getattr(datamodule, "seed", None),
+            "batch_size": getattr(datamodule, "target_batch_size", None),
+            "num_workers": getattr(datamodule, "num_workers", None),
+            "world_size": mar_init.dist_world()[0],
+            "precision": None if trainer is None else str(trainer.precision),
+            "device": self.device.type,
+            "torch": torch.__version__,
+            "scale": hp.scale,
+            "num_agents": hp.num_classes,
+            "mining_ratio": self.discriminative_loss.mining_ratio,
+            "init_mode": hp.init_mode,
+            "sampled": (hp.init_sampled_pairs, hp.init_seed) if hp.init_mode == "sampled" else None,
+        }
+
     def _cache_key(self, datamodule: Any) -> str | None:
         if self.hparams.init_cache_dir is None or self._pretrained_path is None:
             return None
-        spec = getattr(datamodule, "target_spec", None) or {}
-        hp = self.hparams
+        inputs = self.init_inputs(datamodule)
+        spec = inputs["target"]
         return mar_init.init_cache_key(
             mar_init.file_sha256(self._pretrained_path),
             str(spec.get("root", "")),
-            hp.num_target_train,
-            self.discriminative_loss.mining_ratio,
-            target=spec,
-            scale=hp.scale,
-            num_agents=hp.num_classes,
-            init_mode=hp.init_mode,
-            sampled=(hp.init_sampled_pairs, hp.init_seed) if hp.init_mode == "sampled" else None,
-            augment=hp.init_augment,
-            size=(getattr(datamodule, "height", None), getattr(datamodule, "width", None)),
-            stats=getattr(datamodule, "stats", {}).get("target"),
+            inputs.pop("num_items"),
+            inputs.pop("mining_ratio"),
+            **inputs,
         )
 
     @torch.no_grad()
