@@ -63,6 +63,13 @@ class BatchRecorder(Callback):
             "pids": self.pids,
             "feature_dtypes": sorted(self.feature_dtypes),
             "precision": trainer.precision,
+            "batchnorm_types": sorted(
+                {
+                    type(m).__name__
+                    for m in pl_module.modules()
+                    if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                }
+            ),
         }
         if hasattr(pl_module, "memory"):  # MAR
             result["states"] = self.states
