@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-BENCHMARKS = ("losses", "mar_losses", "evaluation")
+BENCHMARKS = ("losses", "mar_losses", "evaluation", "ddp_bytes", "image_pipeline")
 
 
 def machine_description() -> str:
