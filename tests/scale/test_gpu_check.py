@@ -4,6 +4,7 @@ dry run at tiny sizes) so that the script works when a GPU machine runs it."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ def test_skips_cleanly_without_cuda(tmp_path, monkeypatch, capsys):
 
 
 def test_makefile_target_runs_the_script():
-    text = open("Makefile").read()
+    text = (Path(__file__).resolve().parents[2] / "Makefile").read_text()
     assert re.search(r"^gpu-check: install\n\t\$\(PY\) -m src\.bench\.gpu_check", text, re.M)
 
 
