@@ -18,7 +18,7 @@ from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Sampler
 
 from src.data.datasets import ReIDDataset, build_dataset
-from src.data.image_dataset import ImageDataset
+from src.data.image_dataset import DecodedImageCache, ImageDataset
 from src.data.samplers import DistributedPKSampler, ShardedSampler
 from src.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transforms, cached_mean_std
 
@@ -59,6 +59,9 @@ class ReIDDataModule(LightningDataModule):
         flip_p, pad, random_erasing_p, erasing_value, interpolation, color_jitter, color_jitter_p,
             grayscale_p: see :func:`build_transforms`.
         seed: base seed of all samplers (identical on every rank; None -> 0).
+        image_cache: keep every decoded image, resized to (height, width), in a uint8 memory
+            map shared by the loader workers (`DecodedImageCache`; N x height x width x 3 bytes
+            per split and process, docs/data.md): files are decoded once, not every epoch.
     """
 
     def __init__(
@@ -86,6 +89,7 @@ class ReIDDataModule(LightningDataModule):
         color_jitter_p: float = 0.0,
         grayscale_p: float = 0.0,
         seed: int | None = 0,
+        image_cache: bool = False,
     ) -> None:
         super().__init__()
         for name, spec in (("source", source), ("target", target)):
@@ -128,6 +132,8 @@ class ReIDDataModule(LightningDataModule):
             "grayscale_p": grayscale_p,
         }
         self.seed = 0 if seed is None else int(seed)  # a run with seed=null still needs one
+        self.image_cache = bool(image_cache)
+        self._caches: dict[tuple[str, str, str], DecodedImageCache] = {}
         self.source_data: ReIDDataset | None = None
         self.target_data: ReIDDataset | None = None
         # Normalisation per domain ("source"/"target"): resolved in setup, checkpointed.
@@ -205,6 +211,16 @@ class ReIDDataModule(LightningDataModule):
             return build_transforms(self.height, self.width, False, mean, std)
         return build_transforms(self.height, self.width, True, mean, std, **self.augment)
 
+    def _cache(self, domain: str, split: str, n: int, train: bool) -> DecodedImageCache | None:
+        """The decoded-image cache of one split (None when off), made once per run."""
+        if not self.image_cache:
+            return None
+        interpolation = self.augment["interpolation"] if train else "bilinear"
+        key = (domain, split, interpolation)
+        if key not in self._caches:
+            self._caches[key] = DecodedImageCache(n, self.height, self.width, interpolation)
+        return self._caches[key]
+
     def _loader(
         self, dataset: ImageDataset, batch_size: int, sampler: Sampler, name: str, drop_last: bool
     ) -> DataLoader:
@@ -226,7 +242,8 @@ class ReIDDataModule(LightningDataModule):
         self._require_setup()
         world, rank = self._world()
         records = self.source_data.train  # type: ignore[union-attr]
-        dataset = ImageDataset(records, self._transform("source", train=True))
+        cache = self._cache("source", "train", len(records), train=True)
+        dataset = ImageDataset(records, self._transform("source", train=True), cache=cache)
         sampler: Sampler
         if self.target_data is None or self.source_sampler == "pk":
             sampler = DistributedPKSampler(
@@ -249,7 +266,9 @@ class ReIDDataModule(LightningDataModule):
         if self.target_data is None:
             return source
         world, rank = self._world()
-        dataset = ImageDataset(self.target_data.train, self._transform("target", train=True))
+        records = self.target_data.train
+        cache = self._cache("target", "train", len(records), train=True)
+        dataset = ImageDataset(records, self._transform("target", train=True), cache=cache)
         # Cap the target at the source length so that an epoch is one pass over the source.
         sampler = ShardedSampler(
             len(dataset),
@@ -272,8 +291,12 @@ class ReIDDataModule(LightningDataModule):
         world, rank = self._world()
         data = self.eval_data
         domain = "target" if self.target_data is not None else "source"
+        n = len(data.query) + len(data.gallery)
         dataset = ImageDataset.query_gallery(
-            data.query, data.gallery, self._transform(domain, train=False)
+            data.query,
+            data.gallery,
+            self._transform(domain, train=False),
+            cache=self._cache(domain, "query+gallery", n, train=False),
         )
         sampler = ShardedSampler(len(dataset), world, rank, shuffle=False, seed=self.seed)
         return DataLoader(
@@ -308,7 +331,9 @@ class ReIDDataModule(LightningDataModule):
         if self.target_data is None:
             raise RuntimeError("target_init_dataloader needs a target dataset")
         world, rank = self._world()
-        dataset = ImageDataset(self.target_data.train, self._transform("target", train=augment))
+        records = self.target_data.train
+        cache = self._cache("target", "train", len(records), train=augment)
+        dataset = ImageDataset(records, self._transform("target", train=augment), cache=cache)
         sampler = ShardedSampler(len(dataset), world, rank, shuffle=True, seed=self.seed + 2)
         return DataLoader(
             dataset,
