@@ -61,7 +61,7 @@ class ReIDDataModule(LightningDataModule):
         seed: base seed of all samplers (identical on every rank; None -> 0).
         image_cache: keep every decoded image, resized to (height, width), in a uint8 memory
             map shared by the loader workers (`DecodedImageCache`; N x height x width x 3 bytes
-            per split and process, docs/data.md): files are decoded once, not every epoch.
+            per split and process, docs/scaling.md): files are decoded once, not every epoch.
     """
 
     def __init__(
