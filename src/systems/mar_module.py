@@ -282,7 +282,14 @@ class MARModule(ReIDSystem):
     def global_batch_size(self) -> int:
         """Source + target images of one step over all ranks (the CML momentum's batch)."""
         datamodule = self.trainer.datamodule
-        per_rank = datamodule.batch_size + datamodule.target_batch_size
+        try:
+            per_rank = datamodule.batch_size + datamodule.target_batch_size
+        except (AttributeError, TypeError) as err:
+            raise ValueError(
+                "loss.cml_batch_size=null derives the CML momentum from the DataModule's "
+                "batch_size + target_batch_size, which this run's DataModule "
+                f"({type(datamodule).__name__}) lacks: set loss.cml_batch_size"
+            ) from err
         return int(per_rank * self.trainer.world_size)
 
     def _set_cml_momentum(self) -> None:

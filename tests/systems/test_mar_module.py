@@ -111,6 +111,31 @@ def test_default_losses_are_the_paper_ones():
     )
 
 
+def test_cml_momentum_follows_the_global_batch():
+    """cml_batch_size=None: η = (source + target per rank) × world size / 10000 at train start;
+    an explicit value (or a factory with its own batch_size) is kept."""
+    from types import SimpleNamespace
+
+    def started(world: int, **kwargs) -> MARModule:
+        module = make_module(multilabel_loss=partial(MultilabelLoss), **kwargs)
+        data = SimpleNamespace(batch_size=46, target_batch_size=46)
+        module._trainer = SimpleNamespace(datamodule=data, world_size=world)
+        module._set_cml_momentum()
+        return module
+
+    assert started(4).multilabel_loss.moment == pytest.approx(368 / 10000)  # 46 + 46 on 4 GPUs
+    assert started(1).multilabel_loss.moment == pytest.approx(92 / 10000)
+    assert started(4, cml_batch_size=100).multilabel_loss.moment == pytest.approx(0.01)
+    fixed = make_module()  # partial(MultilabelLoss, batch_size=32): its own value
+    fixed._trainer = SimpleNamespace(datamodule=None, world_size=4)
+    fixed._set_cml_momentum()
+    assert fixed.multilabel_loss.moment == pytest.approx(32 / 10000)
+    with pytest.raises(ValueError, match="cml_batch_size"):
+        module = make_module(multilabel_loss=partial(MultilabelLoss))
+        module._trainer = SimpleNamespace(datamodule=None, world_size=1)
+        module._set_cml_momentum()
+
+
 @pytest.mark.parametrize("lightning", [True, False])
 def test_load_pretrained(tmp_path, lightning):
     path = save_stage1(tmp_path / "stage1.ckpt", seed=3, lightning=lightning)
