@@ -7,13 +7,14 @@ CONSTRAINTS := .ci/constraints.txt
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: install train test test-full lint format bench mar-demo sweep-demo clean clean-logs help
+.PHONY: install train test test-full lint format bench gpu-check mar-demo sweep-demo clean clean-logs help
 
 help:
 	@echo "make train       # default run: python -m src.train (ARGS='key=value ...' for overrides)"
 	@echo "make test        # test suite (CI); make test-full also runs tests marked slow"
 	@echo "make lint        # ruff check + format check;  make format  # apply ruff format"
 	@echo "make bench       # benchmarks -> docs/benchmarks.md"
+	@echo "make gpu-check   # GPU tests + GPU throughput/sync checks -> docs/benchmarks.md (skips without CUDA)"
 	@echo "make mar-demo    # MAR stage 1 + stage 2 on the synthetic A->B benchmark"
 	@echo "make sweep-demo  # margin x mining-ratio multirun + summary table/plot"
 	@echo "make clean-logs  # delete logs/ (runs, checkpoints, sweeps)"
@@ -45,6 +46,9 @@ format: install
 
 bench: install
 	$(PY) -m src.bench $(ARGS)
+
+gpu-check: install
+	$(PY) -m src.bench.gpu_check $(ARGS)
 
 mar-demo: install
 	$(PY) -m src.tools.mar_demo $(ARGS)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-BENCHMARKS = ("losses", "mar_losses", "evaluation", "extract")
+BENCHMARKS = ("losses", "mar_losses", "evaluation", "extract", "ddp_bytes", "image_pipeline")
 
 
 def machine_description() -> str:

@@ -20,7 +20,7 @@ from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Sampler
 
 from src.data.datasets import ReIDDataset, build_dataset
-from src.data.image_dataset import ImageDataset
+from src.data.image_dataset import DecodedImageCache, ImageDataset
 from src.data.records import ReIDRecord
 from src.data.samplers import DistributedPKSampler, ShardedSampler
 from src.data.seeding import SeededDataset, SeededSampler, loader_generator
@@ -85,6 +85,9 @@ class ReIDDataModule(LightningDataModule):
     ``setup`` fails before any training, naming the dataset and split, when a split cannot be
     evaluated (empty query or gallery, no query with a cross-camera match, no camera ids;
     :func:`~src.data.validation.evaluation_problems`).
+        image_cache: keep every decoded image, resized to (height, width), in a uint8 memory
+            map shared by the loader workers (`DecodedImageCache`; N x height x width x 3 bytes
+            per split and process, docs/scaling.md): files are decoded once, not every epoch.
     """
 
     def __init__(
@@ -114,6 +117,7 @@ class ReIDDataModule(LightningDataModule):
         seed: int | None = 0,
         val_ids: int | float | str = 0,
         verify_images: bool = False,
+        image_cache: bool = False,
     ) -> None:
         super().__init__()
         for name, spec in (("source", source), ("target", target)):
@@ -169,6 +173,8 @@ class ReIDDataModule(LightningDataModule):
         self.source_train: list[ReIDRecord] | None = None
         #: (query, gallery) of the validation split, None when validation runs on the test split
         self.val_split: tuple[list[ReIDRecord], list[ReIDRecord]] | None = None
+        self.image_cache = bool(image_cache)
+        self._caches: dict[tuple[str, str, str], DecodedImageCache] = {}
         self.source_data: ReIDDataset | None = None
         self.target_data: ReIDDataset | None = None
         # Normalisation per domain ("source"/"target"): resolved in setup, checkpointed.
@@ -328,6 +334,16 @@ class ReIDDataModule(LightningDataModule):
             return build_transforms(self.height, self.width, False, mean, std)
         return build_transforms(self.height, self.width, True, mean, std, **self.augment)
 
+    def _cache(self, domain: str, split: str, n: int, train: bool) -> DecodedImageCache | None:
+        """The decoded-image cache of one split (None when off), made once per run."""
+        if not self.image_cache:
+            return None
+        interpolation = self.augment["interpolation"] if train else "bilinear"
+        key = (domain, split, interpolation)
+        if key not in self._caches:
+            self._caches[key] = DecodedImageCache(n, self.height, self.width, interpolation)
+        return self._caches[key]
+
     def _loader(
         self, dataset: ImageDataset, batch_size: int, sampler: Sampler, name: str, drop_last: bool
     ) -> DataLoader:
@@ -353,7 +369,8 @@ class ReIDDataModule(LightningDataModule):
         self._require_setup()
         world, rank = self._world()
         records = self.source_train or []
-        dataset = ImageDataset(records, self._transform("source", train=True))
+        cache = self._cache("source", "train", len(records), train=True)
+        dataset = ImageDataset(records, self._transform("source", train=True), cache=cache)
         sampler: Sampler
         if self.target_data is None or self.source_sampler == "pk":
             sampler = DistributedPKSampler(
@@ -376,7 +393,9 @@ class ReIDDataModule(LightningDataModule):
         if self.target_data is None:
             return source
         world, rank = self._world()
-        dataset = ImageDataset(self.target_data.train, self._transform("target", train=True))
+        records = self.target_data.train
+        cache = self._cache("target", "train", len(records), train=True)
+        dataset = ImageDataset(records, self._transform("target", train=True), cache=cache)
         # Cap the target at the source length so that an epoch is one pass over the source.
         sampler = ShardedSampler(
             len(dataset),
@@ -398,7 +417,14 @@ class ReIDDataModule(LightningDataModule):
         world, rank = self._world()
         query, gallery = self.eval_records(stage)
         domain = "target" if self.target_data is not None else "source"
-        dataset = ImageDataset.query_gallery(query, gallery, self._transform(domain, train=False))
+        dataset = ImageDataset.query_gallery(
+            query,
+            gallery,
+            self._transform(domain, train=False),
+            cache=self._cache(
+                domain, f"{stage} query+gallery", len(query) + len(gallery), train=False
+            ),
+        )
         sampler = ShardedSampler(len(dataset), world, rank, shuffle=False, seed=self.seed)
         return DataLoader(
             dataset,
@@ -434,7 +460,9 @@ class ReIDDataModule(LightningDataModule):
         if self.target_data is None:
             raise RuntimeError("target_init_dataloader needs a target dataset")
         world, rank = self._world()
-        dataset = ImageDataset(self.target_data.train, self._transform("target", train=augment))
+        records = self.target_data.train
+        cache = self._cache("target", "train", len(records), train=augment)
+        dataset = ImageDataset(records, self._transform("target", train=augment), cache=cache)
         sampler = ShardedSampler(len(dataset), world, rank, shuffle=True, seed=self.seed + 2)
         return DataLoader(
             SeededDataset(dataset),

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
@@ -27,6 +28,30 @@ _INTERPOLATIONS = {
     "bilinear": InterpolationMode.BILINEAR,
     "bicubic": InterpolationMode.BICUBIC,
 }
+
+
+class PadCrop(torch.nn.Module):
+    """Zero-pad by ``pad`` pixels and crop a random (height, width) window, in one PIL crop.
+
+    The same output and the same random draws (``torch.randint`` for the top, then the left
+    offset) as ``v2.Pad(pad, fill=0)`` followed by ``v2.RandomCrop((height, width))`` on an
+    image of size (height, width): PIL's ``crop`` fills the area outside the image with 0.
+    """
+
+    def __init__(self, height: int, width: int, pad: int) -> None:
+        super().__init__()
+        self.height, self.width, self.pad = height, width, pad
+
+    def forward(self, img: Image.Image) -> Image.Image:
+        if img.size != (self.width, self.height):
+            raise ValueError(
+                f"PadCrop expects a {self.width}x{self.height} image (after the resize), got "
+                f"{img.size[0]}x{img.size[1]}"
+            )
+        p = self.pad
+        top = int(torch.randint(0, 2 * p + 1, size=()))
+        left = int(torch.randint(0, 2 * p + 1, size=()))
+        return img.crop((left - p, top - p, left - p + self.width, top - p + self.height))
 
 
 def build_transforms(
@@ -49,10 +74,14 @@ def build_transforms(
     """PIL image -> FloatTensor (3, height, width), normalised.
 
     Train: resize, random horizontal flip (`flip_p`), zero-pad by `pad` pixels and random crop back
-    to (height, width), colour jitter (probability `color_jitter_p`), random greyscale
+    to (height, width) (these three on the PIL image: `PadCrop`), colour jitter (probability `color_jitter_p`), random greyscale
     (`grayscale_p`), to float in [0, 1], normalise, random erasing (Zhong et al., AAAI 2020;
     probability `random_erasing_p`, area fraction `erasing_scale`, aspect `erasing_ratio`). Test:
     resize, to float, normalise. Probabilities of 0 (or pad 0) remove the step.
+
+    The resize is PIL's (its antialiased filter, as the reference code's torchvision v1
+    ``Resize`` on PIL images); resizing an image that already has the size returns it unchanged,
+    so an image from `DecodedImageCache` (stored resized) gives the same output as its file.
 
     Colour jitter and greyscale are off by default: the re-ID recipes here do not use them
     (clothing colour is the strongest identity cue; on the synthetic benchmark they cost a
@@ -82,15 +111,17 @@ def build_transforms(
             raise ValueError(f"{name} must be a probability in [0, 1], got {p}")
     if len(mean) != 3 or len(std) != 3:
         raise ValueError(f"mean and std need 3 values (RGB), got {list(mean)} and {list(std)}")
+    # PIL side: resize, flip, pad + crop (cheaper on small images than tensor kernels)
     steps: list[Any] = [
-        T.ToImage(),
-        T.Resize((height, width), interpolation=_INTERPOLATIONS[interpolation], antialias=True),
+        T.Resize((height, width), interpolation=_INTERPOLATIONS[interpolation], antialias=True)
     ]
     if train:
         if flip_p > 0:
             steps.append(T.RandomHorizontalFlip(flip_p))
         if pad > 0:
-            steps += [T.Pad(pad, fill=0), T.RandomCrop((height, width))]
+            steps.append(PadCrop(height, width, pad))
+    steps.append(T.ToImage())
+    if train:
         if color_jitter_p > 0 and max(color_jitter) > 0:
             b, c, s, h = (float(v) for v in color_jitter)
             jitter = T.ColorJitter(brightness=b, contrast=c, saturation=s, hue=h)

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["gather_with_grad"]
+__all__ = ["all_reduce_sum_with_grad", "gather_with_grad"]
 
 
 def _is_distributed(group: Any) -> bool:
@@ -69,3 +69,31 @@ def gather_with_grad(tensor: Tensor, *, group: Any = None, reduce_grad: bool = T
     if tensor.dim() == 0:
         raise ValueError("gather_with_grad: tensor must have a leading (batch) dimension, got 0-d")
     return _GatherWithGrad.apply(tensor, group, reduce_grad)
+
+
+class _AllReduceSumWithGrad(torch.autograd.Function):
+    """Sum over ranks whose backward is the sum over ranks of the incoming gradients."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: Tensor, group: Any) -> Tensor:
+        ctx.group = group
+        out = tensor.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor, None]:
+        grad = grad_output.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad, None
+
+
+def all_reduce_sum_with_grad(tensor: Tensor, *, group: Any = None) -> Tensor:
+    """Differentiable sum of ``tensor`` over the ranks of ``group`` (identity in one process).
+
+    Every rank's loss may depend on the sum, so the backward pass sums the ranks' gradients:
+    ``∂(Σ_r L_r)/∂x_local``, the same convention as `gather_with_grad`.
+    """
+    if not _is_distributed(group):
+        return tensor
+    return _AllReduceSumWithGrad.apply(tensor, group)

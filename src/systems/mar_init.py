@@ -91,7 +91,7 @@ def sampled_kth_largest_agreement(
 # Everything below: the initialisation pipeline of MARModule (added by the MAR stage-2 work).
 # Soft multilabels of the target train set -> (dedup under DDP) -> CML centres + T0 -> cache.
 # ----------------------------------------------------------------------------------------------
-INIT_CACHE_VERSION = 1
+INIT_CACHE_VERSION = 2  # 2: the key covers every input (seed, augmentation, architecture, ...)
 # What a cached initialisation holds (CPU tensors): T0 and the two CML centres.
 INIT_STATE_KEYS = ("threshold", "center_mean", "center_std")
 
@@ -129,6 +129,20 @@ def init_cache_key(
     }
     text = json.dumps(payload, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def records_digest(records: Iterable[Any]) -> str:
+    """SHA-1 of a split's records (path, pid, camid, index) and each file's size and mtime: a
+    changed, added, removed or relabelled image changes it."""
+    digest = hashlib.sha1()
+    for r in records:
+        try:
+            st = os.stat(r.img_path)
+            stamp = f"{st.st_size}|{st.st_mtime_ns}"
+        except OSError:
+            stamp = "missing"
+        digest.update(f"{r.img_path}|{r.pid}|{r.camid}|{r.index}|{stamp}\n".encode())
+    return digest.hexdigest()
 
 
 def init_cache_path(cache_dir: str | os.PathLike[str], key: str) -> Path:

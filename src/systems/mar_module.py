@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from src.losses.mar import DiscriminativeLoss, JointLoss, MultilabelLoss
 from src.systems import mar_init
 from src.systems.base import ReIDSystem
-from src.systems.mar_steps import MARWeights, describe_nonfinite, mar_train_step
+from src.systems.mar_steps import MARWeights, describe_nonfinite, mar_train_step, replica_drift
 
 INIT_MODES = ("exact", "sampled")
 
@@ -45,8 +45,13 @@ class MARModule(ReIDSystem):
             the MAR network: ``neck="none"``, ``classifier_bias=False``, no local branch.
         optimizer, scheduler: Hydra partials (scheduler stepped per epoch).
         joint_loss: `JointLoss` (RJ); None -> ``JointLoss(margin=1.0)``.
-        multilabel_loss: `MultilabelLoss` (CML) or a factory of it called with ``num_views``
-            (target cameras) and ``num_classes`` (K); None -> ``MultilabelLoss(batch_size=368)``.
+        multilabel_loss: `MultilabelLoss` (CML) or a factory of it called with ``batch_size``,
+            ``num_views`` (target cameras) and ``num_classes`` (K); None -> a default one.
+        cml_batch_size: the batch that sets the CML centre momentum η = cml_batch_size / 10000,
+            the original's total source + target batch (184 + 184 = 368). None (default): the
+            run's global batch, (data.batch_size + data.target_batch_size) × world size, set
+            when training starts. Ignored when ``multilabel_loss`` is a module or a factory
+            with its own ``batch_size``.
         discriminative_loss: `DiscriminativeLoss` (MDL); None -> ``mining_ratio=0.005``.
         num_classes: K, source identities = agents (from the DataModule).
         num_target_train: N_t, target train images = memory rows (from the DataModule).
@@ -60,14 +65,15 @@ class MARModule(ReIDSystem):
         warmup_epochs: epochs without MDL and without memory writes (1 in the paper).
         init_mode: "exact" (chunked streaming top-k over all pairs) or "sampled" (T0 estimated
             from ``init_sampled_pairs`` random pairs; error in docs/mar.md).
-        init_cache_dir: folder caching (T0, centres) keyed by the checkpoint hash, the target
-            data and the settings; None disables the cache.
+        init_cache_dir: folder caching (T0, centres) keyed by the checkpoint hash and every
+            other input of the initialisation (`init_inputs`); None disables the cache.
         init_sampled_pairs, init_seed: settings of the sampled estimate.
         init_chunk_size: rows per block of the exact computation (memory O(chunk·N + k)).
         init_augment: soft multilabels of the augmented target images (as the original) or of
             the test transform.
-        finite_check_every_n_steps: read the fused non-finite flag every n steps (one host
-            sync); 0 checks at epoch ends only.
+        finite_check_every_n_steps: every n steps, read the fused non-finite flags and (under
+            DDP) the replica-drift flags of the MAR state (one all-reduce of a few checksums and
+            one host read); 0 checks at epoch ends only.
         flip_test, eval_metric, rerank, eval_ap: evaluation (MAR: cosine distance, no flip,
             no re-ranking).
         compile: `torch.compile` the backbone.
@@ -84,6 +90,7 @@ class MARModule(ReIDSystem):
         num_classes: int = 0,
         num_target_train: int = 0,
         num_target_cameras: int | None = None,
+        cml_batch_size: int | None = None,
         pretrained_ckpt: str | None = None,
         lambda_cml: float = 2e-4,
         lambda_ral: float = 50.0,
@@ -136,12 +143,18 @@ class MARModule(ReIDSystem):
         self.net = net(num_classes=num_classes)
         self._check_network()
         self.joint_loss = joint_loss if joint_loss is not None else JointLoss(margin=1.0)
-        if multilabel_loss is None:
-            multilabel_loss = MultilabelLoss(
-                batch_size=368, num_views=num_target_cameras, num_classes=num_classes
-            )
-        elif not isinstance(multilabel_loss, nn.Module):
-            multilabel_loss = multilabel_loss(num_views=num_target_cameras, num_classes=num_classes)
+        if cml_batch_size is not None and cml_batch_size < 1:
+            raise ValueError(f"loss.cml_batch_size must be >= 1 or null, got {cml_batch_size}")
+        # η from the global batch when training starts (until then the paper's 368), unless the
+        # loss is a module or a factory that already fixes batch_size
+        self._cml_batch_auto = False
+        if not isinstance(multilabel_loss, nn.Module):
+            factory = MultilabelLoss if multilabel_loss is None else multilabel_loss
+            kwargs: dict[str, Any] = {"num_views": num_target_cameras, "num_classes": num_classes}
+            if "batch_size" not in getattr(factory, "keywords", {}):
+                kwargs["batch_size"] = cml_batch_size or 368
+                self._cml_batch_auto = cml_batch_size is None
+            multilabel_loss = factory(**kwargs)
         self.multilabel_loss = multilabel_loss
         self.discriminative_loss = (
             discriminative_loss
@@ -156,6 +169,11 @@ class MARModule(ReIDSystem):
         # Accumulated on the device every step, read every n steps: no per-step host sync.
         self.register_buffer("_nonfinite", torch.zeros(3, dtype=torch.bool), persistent=False)
         self._pretrained_path: str | None = None
+        # DDP: the MAR state is updated identically on every rank (same gathered batch, same
+        # kernels), so DDP must not re-send it from rank 0 before every forward
+        # (broadcast_buffers=True: 212 MB per step for Market-1501's memory). The network's
+        # BatchNorm buffers are still broadcast; `replica_drift` checks the claim periodically.
+        self._ddp_params_and_buffers_to_ignore = self._mar_state_names()
         if compile:
             self.net.compile_backbone()
 
@@ -250,8 +268,44 @@ class MARModule(ReIDSystem):
         self._pretrained_path = path
         rank_zero_info(f"MAR: loaded the stage-1 weights and {expected[0]} agents from {path}")
 
+    @property
+    def replicated_state(self) -> dict[str, Tensor]:
+        """The MAR state that must be equal on every rank: memory, visited flags, T, the CML
+        centres and the initialised flags (the buffers DDP does not broadcast)."""
+        buffers = dict(self.named_buffers())
+        return {n: buffers[n] for n in self._mar_state_names() if n != "_nonfinite"}
+
+    def _mar_state_names(self) -> list[str]:
+        """Every buffer outside the network: the MAR state (and the per-rank non-finite flags)."""
+        return [name for name, _ in self.named_buffers() if not name.startswith("net.")]
+
+    def global_batch_size(self) -> int:
+        """Source + target images of one step over all ranks (the CML momentum's batch)."""
+        datamodule = self.trainer.datamodule
+        try:
+            per_rank = datamodule.batch_size + datamodule.target_batch_size
+        except (AttributeError, TypeError) as err:
+            raise ValueError(
+                "loss.cml_batch_size=null derives the CML momentum from the DataModule's "
+                "batch_size + target_batch_size, which this run's DataModule "
+                f"({type(datamodule).__name__}) lacks: set loss.cml_batch_size"
+            ) from err
+        return int(per_rank * self.trainer.world_size)
+
+    def _set_cml_momentum(self) -> None:
+        if not self._cml_batch_auto:
+            return
+        batch = self.global_batch_size()
+        self.multilabel_loss.batch_size = batch
+        self.multilabel_loss.moment = batch / 10000
+        rank_zero_info(
+            f"MAR: CML centre momentum eta = {batch} / 10000 = {batch / 10000:g} (global batch "
+            f"over {self.trainer.world_size} rank(s); loss.cml_batch_size=null)"
+        )
+
     # ------------------------------------------------------------------ initialisation
     def on_train_start(self) -> None:
+        self._set_cml_momentum()  # not a buffer: set on every start, resumes included
         # on_train_start (not setup/on_fit_start): it runs after the checkpoint restore for every
         # strategy, so a resumed run sees mar_initialised=True and neither reads the stage-1
         # checkpoint nor recomputes the initialisation. Loading in place keeps the parameters
@@ -263,24 +317,53 @@ class MARModule(ReIDSystem):
             self.load_pretrained(self.hparams.pretrained_ckpt)
         self.initialise_mar_state(self.trainer.datamodule)
 
+    def init_inputs(self, datamodule: Any) -> dict[str, Any]:
+        """Everything the initialisation's result (T0, centres) depends on, besides the stage-1
+        weights: the network architecture (``repr``: last stride, last ReLU, pooling, ...), the
+        target data (spec and every record's path, labels, size and mtime), the image pipeline
+        (size, normalisation, augmentation settings), the randomness of the augmented pass (run
+        seed, sampler seed, batch size, workers, world size), the precision and device, and the
+        MAR settings (scale, K, mining ratio, mode, sampled pairs and seed)."""
+        hp = self.hparams
+        trainer = self._trainer
+        target_data = getattr(datamodule, "target_data", None)
+        records = getattr(target_data, "train", None)
+        return {
+            "network": repr(self.net),
+            "embedding": getattr(self.net, "embedding", None),
+            "target": getattr(datamodule, "target_spec", None) or {},
+            "target_records": None if records is None else mar_init.records_digest(records),
+            "num_items": hp.num_target_train,
+            "size": (getattr(datamodule, "height", None), getattr(datamodule, "width", None)),
+            "stats": getattr(datamodule, "stats", {}).get("target"),
+            "augment": hp.init_augment,
+            "augmentation": getattr(datamodule, "augment", None) if hp.init_augment else None,
+            "run_seed": torch.initial_seed(),
+            "data_seed": getattr(datamodule, "seed", None),
+            "batch_size": getattr(datamodule, "target_batch_size", None),
+            "num_workers": getattr(datamodule, "num_workers", None),
+            "world_size": mar_init.dist_world()[0],
+            "precision": None if trainer is None else str(trainer.precision),
+            "device": self.device.type,
+            "torch": torch.__version__,
+            "scale": hp.scale,
+            "num_agents": hp.num_classes,
+            "mining_ratio": self.discriminative_loss.mining_ratio,
+            "init_mode": hp.init_mode,
+            "sampled": (hp.init_sampled_pairs, hp.init_seed) if hp.init_mode == "sampled" else None,
+        }
+
     def _cache_key(self, datamodule: Any) -> str | None:
         if self.hparams.init_cache_dir is None or self._pretrained_path is None:
             return None
-        spec = getattr(datamodule, "target_spec", None) or {}
-        hp = self.hparams
+        inputs = self.init_inputs(datamodule)
+        spec = inputs["target"]
         return mar_init.init_cache_key(
             mar_init.file_sha256(self._pretrained_path),
             str(spec.get("root", "")),
-            hp.num_target_train,
-            self.discriminative_loss.mining_ratio,
-            target=spec,
-            scale=hp.scale,
-            num_agents=hp.num_classes,
-            init_mode=hp.init_mode,
-            sampled=(hp.init_sampled_pairs, hp.init_seed) if hp.init_mode == "sampled" else None,
-            augment=hp.init_augment,
-            size=(getattr(datamodule, "height", None), getattr(datamodule, "width", None)),
-            stats=getattr(datamodule, "stats", {}).get("target"),
+            inputs.pop("num_items"),
+            inputs.pop("mining_ratio"),
+            **inputs,
         )
 
     @torch.no_grad()
@@ -405,16 +488,9 @@ class MARModule(ReIDSystem):
         )
         self._nonfinite |= out.nonfinite
         batch_size = source["img"].shape[0]
-        self.log(
-            "train/loss",
-            out.terms["loss"],
-            prog_bar=True,
-            on_step=True,
-            on_epoch=True,
-            batch_size=batch_size,
-        )
+        # No prog_bar: the progress bar reads its metrics on the host every batch (a sync).
         self.log_dict(
-            {f"train/{k}": v for k, v in out.terms.items() if k != "loss"},
+            {f"train/{k}": v for k, v in out.terms.items()},
             on_step=True,
             on_epoch=True,
             batch_size=batch_size,
@@ -427,11 +503,29 @@ class MARModule(ReIDSystem):
         )
         return out.loss
 
-    def _raise_if_nonfinite(self) -> None:
-        flags = self._nonfinite.tolist()  # the one host read of the check
-        if any(flags):
+    def _state_drift(self) -> Tensor:
+        """(n,) bool per `replicated_state` entry: differs between ranks (one all-reduce, no
+        host read; all False in a single process)."""
+        return replica_drift(list(self.replicated_state.values()))
+
+    def _check_state(self) -> None:
+        """Fail loudly on non-finite MAR state or (DDP) on ranks whose MAR state differs."""
+        state = self.replicated_state
+        drift = self._state_drift()
+        flags = torch.cat([self._nonfinite, drift]).tolist()  # the one host read of the check
+        nonfinite, drifted = flags[: len(self._nonfinite)], flags[len(self._nonfinite) :]
+        if any(drifted):
+            names = [name for name, bad in zip(state, drifted) if bad]
+            raise RuntimeError(
+                f"MAR: the ranks' copies of {names} differ at epoch {self.current_epoch}, step "
+                f"{self.global_step}. They are updated identically on every rank from the "
+                "gathered batch and are not broadcast by DDP, so a difference means a rank "
+                "computed something else (non-deterministic kernels, different code or data on "
+                "one rank). Try torch.use_deterministic_algorithms(True); see docs/scaling.md."
+            )
+        if any(nonfinite):
             raise FloatingPointError(
-                f"MAR: non-finite values in {describe_nonfinite(flags)} at epoch "
+                f"MAR: non-finite values in {describe_nonfinite(nonfinite)} at epoch "
                 f"{self.current_epoch}, step {self.global_step}. Training stopped before the "
                 "state poisons the run (a NaN memory row makes every agreement NaN and T stays "
                 "NaN forever). Usual causes: too high a learning rate for the batch size (λ2=50 "
@@ -441,29 +535,7 @@ class MARModule(ReIDSystem):
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         every = self.hparams.finite_check_every_n_steps
         if every and (self.global_step % every == 0):
-            self._raise_if_nonfinite()
+            self._check_state()
 
     def on_train_epoch_end(self) -> None:
-        self._raise_if_nonfinite()
-        self._reanchor_state()
-
-    @torch.no_grad()
-    def _reanchor_state(self) -> None:
-        """DDP drift guard, once per epoch: copy rank 0's memory, T and centres to every rank.
-
-        The per-step updates are identical on every rank by construction (same gathered batch,
-        same kernels), so this is a no-op unless a backend's reductions differ in the last bit.
-        """
-        world, _ = mar_init.dist_world()
-        if world == 1:
-            return
-        for tensor in (
-            self.memory,
-            self.discriminative_loss.threshold,
-            self.multilabel_loss.center_mean,
-            self.multilabel_loss.center_std,
-        ):
-            dist.broadcast(tensor, src=0)
-        visited = self.memory_visited.to(torch.uint8)
-        dist.broadcast(visited, src=0)
-        self.memory_visited.copy_(visited.bool())
+        self._check_state()

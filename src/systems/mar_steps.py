@@ -15,7 +15,8 @@ One training step (`mar_train_step`):
 
 Nothing here reads a value back to the host: no `.item()`, no `bool(tensor)`, no data-dependent
 shapes. Under DDP every rank applies the identical (index, value) memory update computed from the
-identical gathered batch, so memory, T and the CML centres stay equal on all ranks; each rank's
+identical gathered batch, so memory, T and the CML centres stay equal on all ranks (DDP does not
+broadcast them; `replica_drift` is the periodic check of that claim); each rank's
 loss is the global loss, and `gather_with_grad` (summed backward) followed by DDP's gradient
 averaging gives exactly the single-process gradient of the global batch.
 """
@@ -23,7 +24,7 @@ averaging gives exactly the single-process gradient of the global batch.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -52,6 +53,8 @@ __all__ = [
     "mar_objective",
     "mar_train_step",
     "nonfinite_flags",
+    "replica_drift",
+    "state_checksums",
     "update_memory",
 ]
 
@@ -134,6 +137,41 @@ def gather_target_batch(
         index=all_gather_nograd(index),
         pids=None if pids is None else all_gather_nograd(pids),
     )
+
+
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+@torch.no_grad()
+def state_checksums(tensors: Sequence[Tensor]) -> Tensor:
+    """(n,) int64 on the tensors' device: per tensor, the sum of its elements' bit patterns
+    (int64 accumulator, wrapping). A change of any single element, even by one ulp, changes
+    it; no host read."""
+    sums = []
+    for t in tensors:
+        flat = t.detach().reshape(-1)
+        if flat.dtype == torch.bool:
+            flat = flat.to(torch.uint8)
+        sums.append(flat.view(_BITS[flat.element_size()]).sum(dtype=torch.int64))
+    return torch.stack(sums)
+
+
+@torch.no_grad()
+def replica_drift(tensors: Sequence[Tensor]) -> Tensor:
+    """(n,) bool, identical on every rank: whether the ranks' copies of each tensor differ.
+
+    The MAR state (memory, T, CML centres) is updated identically on every rank by
+    construction and is not broadcast by DDP; this is the cheap guard of that claim: one
+    all-reduce (MAX) of 2n int64 checksums (`state_checksums`), no host read. All False in a
+    single process.
+    """
+    sums = state_checksums(tensors)
+    if _world_size() == 1:
+        return torch.zeros_like(sums, dtype=torch.bool)
+    both = torch.cat([sums, -sums])  # max of -x is -min(x): one all-reduce gives max and min
+    dist.all_reduce(both, op=dist.ReduceOp.MAX)
+    n = sums.numel()
+    return both[:n] != -both[n:]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -55,6 +55,8 @@ class TripletReIDModule(ReIDSystem):
             raise ValueError("system.ce_loss is set but num_classes < 1 (no training identities?)")
         self.net = net(num_classes=num_classes if ce_loss is not None else 0)
         self.metric_loss = metric_loss
+        if metric_loss is not None:  # P x K batches have P >= 2 ids: no bool() host sync per step
+            metric_loss.check_negatives = False
         self.ce_loss = ce_loss(num_classes=num_classes) if ce_loss is not None else None
         self.loss_weights = dict(loss_weights or {"metric": 1.0, "ce": 1.0})
         self.center_loss = None

@@ -10,16 +10,30 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 
+def mar_state(pl_module: LightningModule) -> dict[str, torch.Tensor]:
+    """Copies of the MAR state that must stay equal on every rank."""
+    return {
+        "memory": pl_module.memory.detach().clone(),
+        "memory_visited": pl_module.memory_visited.detach().clone(),
+        "threshold": pl_module.discriminative_loss.threshold.detach().clone(),
+        "center_mean": pl_module.multilabel_loss.center_mean.detach().clone(),
+        "center_std": pl_module.multilabel_loss.center_std.detach().clone(),
+    }
+
+
 class BatchRecorder(Callback):
     """Per rank: the identities of every training batch (source batch in domain adaptation),
-    the dtype of the backbone's output (autocast check) and, for MAR, whether the buffers equal
-    rank 0's at the end of training. Written to ``out_dir/rank{r}.pt``; after a test, the test's
-    gathered evaluation outputs (when a callback asked for them) to ``out_dir/rank{r}_test.pt``."""
+    the dtype of the backbone's output (autocast check) and, for MAR, a copy of the MAR state
+    after every training step (`on_train_batch_end`: after the step's memory/T/centre updates,
+    before anything could re-send them, so the test compares what each rank computed itself)
+    and the CML momentum. Written to ``out_dir/rank{r}.pt``; after a test, the test's gathered
+    evaluation outputs (when a callback asked for them) to ``out_dir/rank{r}_test.pt``."""
 
     def __init__(self, out_dir: str) -> None:
         self.out_dir = out_dir
         self.pids: list[torch.Tensor] = []
         self.feature_dtypes: set[str] = set()
+        self.states: list[dict[str, torch.Tensor]] = []
         self._handle: Any = None
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -35,6 +49,12 @@ class BatchRecorder(Callback):
         source = batch.get("source", batch)
         self.pids.append(source["pid"].detach().cpu().clone())
 
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, idx: int
+    ) -> None:
+        if hasattr(pl_module, "memory"):
+            self.states.append(mar_state(pl_module))
+
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._handle is not None:
             self._handle.remove()
@@ -43,23 +63,18 @@ class BatchRecorder(Callback):
             "pids": self.pids,
             "feature_dtypes": sorted(self.feature_dtypes),
             "precision": trainer.precision,
+            "batchnorm_types": sorted(
+                {
+                    type(m).__name__
+                    for m in pl_module.modules()
+                    if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                }
+            ),
         }
-        if hasattr(pl_module, "memory"):  # MAR: every rank's buffers against rank 0's
-            buffers = {
-                "memory": pl_module.memory,
-                "memory_visited": pl_module.memory_visited.to(torch.uint8),
-                "threshold": pl_module.discriminative_loss.threshold.reshape(1),
-                "center_mean": pl_module.multilabel_loss.center_mean,
-                "center_std": pl_module.multilabel_loss.center_std,
-            }
-            same = {}
-            for name, value in buffers.items():
-                reference = value.clone()
-                if trainer.world_size > 1:
-                    torch.distributed.broadcast(reference, src=0)
-                same[name] = bool(torch.equal(reference, value))
-            result["buffers_equal_rank0"] = same
+        if hasattr(pl_module, "memory"):  # MAR
+            result["states"] = self.states
             result["visited_rows"] = int(pl_module.memory_visited.sum())
+            result["cml_moment"] = pl_module.multilabel_loss.moment
         Path(self.out_dir).mkdir(parents=True, exist_ok=True)
         torch.save(result, Path(self.out_dir) / f"rank{trainer.global_rank}.pt")
 

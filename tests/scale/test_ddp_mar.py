@@ -15,8 +15,10 @@ BUFFERS = ("memory", "memory_visited", "threshold", "center_mean", "center_std")
 
 
 def test_mar_ddp_spawn_two_cpu_processes(make_cfg, tiny_data_root, stage1_ckpt, tmp_path):
-    """One epoch on 2 ranks (8 + 8 images per rank and step): buffers identical on both ranks
-    after the gathered updates, test metrics == single-process evaluation of last.ckpt."""
+    """One epoch on 2 ranks (8 + 8 images per rank and step): after every step, each rank's
+    own memory, T and centres (DDP does not broadcast them) equal the other rank's bitwise; the
+    CML momentum is the global batch's; test metrics == single-process evaluation of
+    last.ckpt."""
     cfg = make_cfg(
         [
             *mar_overrides(tiny_data_root, stage1_ckpt),
@@ -31,9 +33,17 @@ def test_mar_ddp_spawn_two_cpu_processes(make_cfg, tiny_data_root, stage1_ckpt, 
     assert steps == len(ranks[1]["pids"]) >= 2
     for rank in ranks:
         assert rank["world_size"] == 2
-        assert all(rank["buffers_equal_rank0"][name] for name in BUFFERS), rank
+        assert len(rank["states"]) == steps
         # every step writes the 16 distinct target images of the global batch (no warm-up)
         assert rank["visited_rows"] >= 16
+        # CML momentum from the global batch: (8 source + 8 target) x 2 ranks
+        assert rank["cml_moment"] == pytest.approx(32 / 10000)
+    for step in range(steps):
+        for name in BUFFERS:
+            ours, theirs = ranks[0]["states"][step][name], ranks[1]["states"][step][name]
+            assert torch.equal(ours, theirs), (step, name)
+    # the state really moved during the epoch (the comparison is not of untouched buffers)
+    assert not torch.equal(ranks[0]["states"][0]["memory"], ranks[0]["states"][-1]["memory"])
     for key in ("train/loss_epoch", "train/loss_mdl_epoch", "train/loss_cml_epoch"):
         assert torch.isfinite(torch.tensor(metrics[key])), key
 

@@ -80,3 +80,28 @@ def test_supervised_cuda_ddp_two_gpus(make_cfg, tiny_data_root, tmp_path):
     reference = single_process_eval(make_cfg, tiny_data_root, ckpt)
     for key in ("rank1", "mAP"):
         assert metrics[f"test/{key}"] == pytest.approx(reference[key], abs=1e-3), key
+
+
+def test_training_steps_have_no_host_sync_on_cuda(make_cfg, tiny_data_root, stage1_ckpt):
+    """Both systems' training_step + backward under set_sync_debug_mode("error") and the
+    Python-level guard (tests/scale/_sync.py), on the GPU's code paths (dense RJ, no CPU checks)."""
+    from omegaconf import open_dict
+
+    from src.train import train
+    from tests.scale._sync import NoHostSyncInStep
+
+    runs = {
+        "supervised": [*tiny_overrides(tiny_data_root), "scheduler.warmup_epochs=0", "test=false"],
+        "mar": [
+            *mar_overrides(tiny_data_root, stage1_ckpt),
+            "system.init_cache_dir=null",
+            "test=false",
+        ],
+    }
+    for name, overrides in runs.items():
+        cfg = make_cfg([*overrides, *GPU, "trainer.max_epochs=1", "+trainer.limit_train_batches=2"])
+        with open_dict(cfg):
+            cfg.callbacks.no_host_sync = {"_target_": "tests.scale._sync.NoHostSyncInStep"}
+        _, objects = train(cfg)
+        (guard,) = [c for c in objects["trainer"].callbacks if isinstance(c, NoHostSyncInStep)]
+        assert guard.steps == 2, name

@@ -128,3 +128,81 @@ def test_mar_step_ddp_matches_single_process(tmp_path):
             )
             # the agents are not gathered: every rank has the global gradient (DDP averages it)
             torch.testing.assert_close(got["agents"], ref["agents"], rtol=1e-9, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------
+# The MAR state is not broadcast by DDP, and drift between ranks is detected
+# ----------------------------------------------------------------------------------------------
+def _ddp_worker(rank: int, store: str, out_dir: str) -> None:
+    from functools import partial
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    from src.losses.mar import MultilabelLoss
+    from src.systems import MARModule
+    from tests.systems._mar_helpers import mar_net
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    try:
+        torch.manual_seed(0)
+        module = MARModule(
+            net=mar_net(),
+            optimizer=partial(torch.optim.SGD, lr=0.1),
+            multilabel_loss=partial(MultilabelLoss, batch_size=32),
+            num_classes=5,
+            num_target_train=12,
+            num_target_cameras=3,
+        )
+        result: dict = {
+            "ignored": list(module._ddp_params_and_buffers_to_ignore),
+            "names": list(module.replicated_state),
+        }
+        result["drift_before"] = module._state_drift().tolist()
+        ddp = DistributedDataParallel(module)  # broadcast_buffers=True, as Lightning's default
+        bn = module.net.backbone.bn1.running_mean
+        with torch.no_grad():
+            module.memory[3, 1] += rank + 1  # each rank "computes" a different memory row
+            bn.fill_(rank + 1.0)  # a network buffer: DDP re-sends rank 0's before the forward
+        ddp.train()
+        ddp(torch.ones(2, 3, 32, 16))  # the same images on both ranks
+        result["memory_value"] = float(module.memory[3, 1])
+        result["bn_running_mean"] = bn.clone()
+        result["drift_after"] = module._state_drift().tolist()
+        try:
+            module._check_state()
+            result["error"] = None
+        except RuntimeError as err:
+            result["error"] = str(err)
+        torch.save(result, Path(out_dir) / f"ddp_rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_mar_state_is_not_broadcast_and_drift_fails_loudly(tmp_path):
+    """Under DDP (broadcast_buffers=True) the network's BN buffers are re-sent from rank 0
+    before a forward, the MAR state is not (its memory write survives on each rank); the
+    checksum all-reduce then flags exactly the drifted buffer on every rank and the periodic
+    check raises on every rank (no rank left waiting in a collective)."""
+    mp.spawn(_ddp_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"ddp_rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    expected_ignored = {
+        "memory",
+        "memory_visited",
+        "mar_initialised",
+        "_nonfinite",
+        "multilabel_loss.center_mean",
+        "multilabel_loss.center_std",
+        "multilabel_loss.is_initialized",
+        "discriminative_loss.threshold",
+        "discriminative_loss.is_initialized",
+    }
+    for rank, result in enumerate(ranks):
+        assert set(result["ignored"]) == expected_ignored
+        assert not any(result["drift_before"])
+        assert result["memory_value"] == rank + 1  # not overwritten by rank 0's
+        drifted = [n for n, bad in zip(result["names"], result["drift_after"]) if bad]
+        assert drifted == ["memory"]
+        assert result["error"] is not None and "['memory']" in result["error"]
+    # the BN buffer was broadcast: both ranks ran the forward from rank 0's value
+    torch.testing.assert_close(ranks[0]["bn_running_mean"], ranks[1]["bn_running_mean"])

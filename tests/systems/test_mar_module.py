@@ -111,6 +111,31 @@ def test_default_losses_are_the_paper_ones():
     )
 
 
+def test_cml_momentum_follows_the_global_batch():
+    """cml_batch_size=None: η = (source + target per rank) × world size / 10000 at train start;
+    an explicit value (or a factory with its own batch_size) is kept."""
+    from types import SimpleNamespace
+
+    def started(world: int, **kwargs) -> MARModule:
+        module = make_module(multilabel_loss=partial(MultilabelLoss), **kwargs)
+        data = SimpleNamespace(batch_size=46, target_batch_size=46)
+        module._trainer = SimpleNamespace(datamodule=data, world_size=world)
+        module._set_cml_momentum()
+        return module
+
+    assert started(4).multilabel_loss.moment == pytest.approx(368 / 10000)  # 46 + 46 on 4 GPUs
+    assert started(1).multilabel_loss.moment == pytest.approx(92 / 10000)
+    assert started(4, cml_batch_size=100).multilabel_loss.moment == pytest.approx(0.01)
+    fixed = make_module()  # partial(MultilabelLoss, batch_size=32): its own value
+    fixed._trainer = SimpleNamespace(datamodule=None, world_size=4)
+    fixed._set_cml_momentum()
+    assert fixed.multilabel_loss.moment == pytest.approx(32 / 10000)
+    with pytest.raises(ValueError, match="cml_batch_size"):
+        module = make_module(multilabel_loss=partial(MultilabelLoss))
+        module._trainer = SimpleNamespace(datamodule=None, world_size=1)
+        module._set_cml_momentum()
+
+
 @pytest.mark.parametrize("lightning", [True, False])
 def test_load_pretrained(tmp_path, lightning):
     path = save_stage1(tmp_path / "stage1.ckpt", seed=3, lightning=lightning)
@@ -186,6 +211,125 @@ def test_init_matches_brute_force_and_cache_skips_recomputation(tmp_path, monkey
     assert len(list((tmp_path / "cache").glob("mar_init_*.pt"))) == 2
 
 
+class _Records:
+    def __init__(self, records):
+        self.train = records
+
+
+def _key_data(tmp_path: Path) -> FakeTargetData:
+    """FakeTargetData with what ReIDDataModule offers the cache key: target records on disk,
+    augmentation settings, seeds, loader sizes."""
+    from src.data.records import ReIDRecord
+
+    folder = tmp_path / "images"
+    folder.mkdir(exist_ok=True)
+    records = []
+    for i in range(4):
+        path = folder / f"{i}.jpg"
+        if not path.exists():
+            path.write_bytes(bytes([i]) * 10)
+        records.append(ReIDRecord(str(path), i % 2, i % 3, i))
+    data = FakeTargetData()
+    data.target_data = _Records(records)
+    data.augment = {
+        "flip_p": 0.5,
+        "pad": 10,
+        "random_erasing_p": 0.5,
+        "erasing_value": "mean",
+        "interpolation": "bilinear",
+        "color_jitter": (0.0, 0.0, 0.0, 0.0),
+        "color_jitter_p": 0.0,
+        "grayscale_p": 0.0,
+    }
+    data.seed, data.target_batch_size, data.num_workers = 0, 10, 2
+    return data
+
+
+def test_cache_key_covers_every_input_of_the_init(tmp_path, monkeypatch):
+    """Changing any one input of the initialisation (weights, architecture flags that do not
+    change the checkpoint bytes, target data, image pipeline, augmentation, seeds, loader,
+    world size, precision, MAR settings) gives another cache key: a hit cannot serve stale
+    T0/centres."""
+    import copy
+    import dataclasses
+    from types import SimpleNamespace
+
+    from src.systems import mar_init
+
+    ckpt = save_stage1(tmp_path / "stage1.ckpt", seed=1)
+    other_ckpt = save_stage1(tmp_path / "other.ckpt", seed=2)
+
+    def key(data=None, ckpt_path=ckpt, seed=0, **module_kwargs):
+        module = make_module(tmp_path, **module_kwargs)
+        module.load_pretrained(ckpt_path)
+        if data is None:
+            data = _key_data(tmp_path)
+        torch.manual_seed(seed)
+        return module._cache_key(data)
+
+    def data_with(**changes):
+        data = _key_data(tmp_path)
+        for name, value in changes.items():
+            if name in data.augment:
+                data.augment = {**data.augment, name: value}
+            else:
+                setattr(data, name, value)
+        return data
+
+    base = key()
+    assert base == key()  # deterministic
+    touched = _key_data(tmp_path)
+    relabelled = copy.deepcopy(touched)
+    first = relabelled.target_data.train[0]
+    relabelled.target_data.train[0] = dataclasses.replace(first, pid=first.pid + 1)
+    variants = {
+        "checkpoint": key(ckpt_path=other_ckpt),
+        "last_relu": key(net=mar_net(backbone={"name": "resnet18", "last_stride": 2})),
+        "last_stride": key(
+            net=mar_net(backbone={"name": "resnet18", "last_stride": 1, "last_relu": False})
+        ),
+        "run seed": key(seed=1),
+        "data seed": key(data_with(seed=1)),
+        "target root": key(FakeTargetData(root="data/synthetic/C")),
+        "record labels": key(relabelled),
+        "size": key(data_with(height=64)),
+        "stats": key(data_with(stats={"target": ([0.4] * 3, [0.2] * 3)})),
+        "batch size": key(data_with(target_batch_size=20)),
+        "workers": key(data_with(num_workers=0)),
+        "init_augment": key(init_augment=False),
+        "scale": key(scale=20.0),
+        "mining ratio": key(discriminative_loss=DiscriminativeLoss(mining_ratio=0.1)),
+        "init mode": key(init_mode="sampled"),
+        "sampled pairs": key(init_mode="sampled", init_sampled_pairs=1000),
+    }
+    for name, value in (
+        ("flip_p", 0.0),
+        ("pad", 0),
+        ("random_erasing_p", 0.0),
+        ("erasing_value", "random"),
+        ("interpolation", "bicubic"),
+        ("color_jitter", (0.1, 0.0, 0.0, 0.0)),
+        ("color_jitter_p", 0.5),
+        ("grayscale_p", 0.1),
+    ):
+        variants[f"augmentation {name}"] = key(data_with(**{name: value}))
+    # a target image rewritten on disk (size/mtime)
+    Path(touched.target_data.train[2].img_path).write_bytes(b"changed image")
+    variants["image file"] = key(_key_data(tmp_path))
+    monkeypatch.setattr(mar_init, "dist_world", lambda: (2, 0))
+    variants["world size"] = key()
+    monkeypatch.undo()
+    module = make_module(tmp_path)
+    module.load_pretrained(ckpt)
+    module._trainer = SimpleNamespace(precision="bf16-mixed")
+    torch.manual_seed(0)
+    variants["precision"] = module._cache_key(_key_data(tmp_path))
+
+    for name, value in variants.items():
+        assert value != base, name
+    assert len(set(variants.values())) == len(variants)  # each input moves the key on its own
+
+
 def test_sampled_init_is_close_to_exact(tmp_path):
     ckpt = save_stage1(tmp_path / "stage1.ckpt", seed=1)
     data = FakeTargetData()
@@ -230,10 +374,10 @@ def test_state_restored_exactly_from_a_checkpoint(tmp_path):
 
 def test_nonfinite_state_stops_training():
     module = make_module()
-    module._raise_if_nonfinite()  # all finite: no error
+    module._check_state()  # all finite: no error
     module._nonfinite[1] = True
     with pytest.raises(FloatingPointError, match="MDL threshold T"):
-        module._raise_if_nonfinite()
+        module._check_state()
 
 
 def test_init_rejects_nonfinite_statistics():
