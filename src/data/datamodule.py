@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from src.data.datasets import ReIDDataset, build_dataset
 from src.data.image_dataset import ImageDataset
-from src.data.samplers import DistributedPKSampler, ShardedSampler
+from src.data.samplers import DistributedPKSampler, PseudoLabelPKSampler, ShardedSampler
 from src.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transforms, cached_mean_std
 
 Stats = Sequence[float] | Literal["auto", "imagenet"] | None
@@ -59,6 +59,13 @@ class ReIDDataModule(LightningDataModule):
         flip_p, pad, random_erasing_p, erasing_value, interpolation, color_jitter, color_jitter_p,
             grayscale_p: see :func:`build_transforms`.
         seed: base seed of all samplers (identical on every rank; None -> 0).
+        target_sampler: "random" (above) or "pseudo_labels": clustering-based UDA/USL
+            (`ClusterContrastModule`): ``train_dataloader()`` is then a P×K loader (batch_size,
+            num_instances) over the *target* train split alone, drawing pseudo-identities that
+            the system hands over each epoch with :meth:`set_target_pseudo_labels` (outliers
+            -1 are never drawn); `iters_per_epoch` batches per rank and epoch. The source is
+            not used for training (its spec may name the target dataset again).
+        iters_per_epoch: batches per epoch of the pseudo-label loader.
     """
 
     def __init__(
@@ -86,6 +93,8 @@ class ReIDDataModule(LightningDataModule):
         color_jitter_p: float = 0.0,
         grayscale_p: float = 0.0,
         seed: int | None = 0,
+        target_sampler: Literal["random", "pseudo_labels"] = "random",
+        iters_per_epoch: int | None = None,
     ) -> None:
         super().__init__()
         for name, spec in (("source", source), ("target", target)):
@@ -93,7 +102,17 @@ class ReIDDataModule(LightningDataModule):
                 raise ValueError(f"data.{name} needs 'name' and 'root' keys, got {dict(spec)}")
         if source_sampler not in ("pk", "random"):
             raise ValueError(f"source_sampler must be 'pk' or 'random', got {source_sampler!r}")
-        uses_pk = target is None or source_sampler == "pk"
+        if target_sampler not in ("random", "pseudo_labels"):
+            raise ValueError(
+                f"target_sampler must be 'random' or 'pseudo_labels', got {target_sampler!r}"
+            )
+        if target_sampler == "pseudo_labels" and (target is None or not iters_per_epoch):
+            raise ValueError(
+                "data.target_sampler=pseudo_labels needs data.target (the unlabelled domain) and "
+                f"data.iters_per_epoch >= 1, got target={target}, iters_per_epoch="
+                f"{iters_per_epoch}"
+            )
+        uses_pk = target is None or source_sampler == "pk" or target_sampler == "pseudo_labels"
         if uses_pk and (num_instances < 1 or batch_size % num_instances):
             raise ValueError(
                 f"batch_size ({batch_size}) must be a multiple of num_instances ({num_instances}) "
@@ -128,6 +147,9 @@ class ReIDDataModule(LightningDataModule):
             "grayscale_p": grayscale_p,
         }
         self.seed = 0 if seed is None else int(seed)  # a run with seed=null still needs one
+        self.target_sampler = target_sampler
+        self.iters_per_epoch = iters_per_epoch
+        self._target_pseudo_labels: torch.Tensor | None = None
         self.source_data: ReIDDataset | None = None
         self.target_data: ReIDDataset | None = None
         # Normalisation per domain ("source"/"target"): resolved in setup, checkpointed.
@@ -245,6 +267,8 @@ class ReIDDataModule(LightningDataModule):
     def train_dataloader(self) -> DataLoader | CombinedLoader:
         """Supervised: the source P×K loader. Domain adaptation: a max_size_cycle
         CombinedLoader of ``{"source": ..., "target": ...}`` whose length is the source's."""
+        if self.target_sampler == "pseudo_labels":
+            return self._pseudo_label_loader()
         source = self._source_loader()
         if self.target_data is None:
             return source
@@ -266,6 +290,38 @@ class ReIDDataModule(LightningDataModule):
                 f"{self.target_batch_size} per rank on {world} rank(s)"
             )
         return CombinedLoader({"source": source, "target": target}, mode="max_size_cycle")
+
+    def _pseudo_label_loader(self) -> DataLoader:
+        self._require_setup()
+        world, rank = self._world()
+        dataset = ImageDataset(self.target_data.train, self._transform("target", train=True))  # type: ignore[union-attr]
+        sampler = PseudoLabelPKSampler(
+            len(dataset),
+            self.num_instances,
+            self.batch_size,
+            int(self.iters_per_epoch),  # type: ignore[arg-type]
+            world,
+            rank,
+            self.seed + 1,
+        )
+        if self._target_pseudo_labels is not None:
+            sampler.set_labels(self._target_pseudo_labels)
+        return self._loader(dataset, self.batch_size, sampler, "target", drop_last=True)
+
+    def set_target_pseudo_labels(self, labels: Sequence[int] | torch.Tensor) -> None:
+        """Hand over the pseudo-identity of every target train image ((N_t,) ints, -1 =
+        outlier) for the next epochs' P×K batches (``target_sampler="pseudo_labels"``). Call it
+        on every rank with the same labels before the epoch's loader is iterated (the
+        `ClusterContrastModule` does, in ``on_train_epoch_start``)."""
+        if self.target_sampler != "pseudo_labels":
+            raise RuntimeError(
+                "set_target_pseudo_labels needs data.target_sampler=pseudo_labels (the target "
+                f"loader is {self.target_sampler!r})"
+            )
+        self._target_pseudo_labels = torch.as_tensor(labels, dtype=torch.long).cpu()
+        sampler = self._samplers.get("target")
+        if isinstance(sampler, PseudoLabelPKSampler):
+            sampler.set_labels(self._target_pseudo_labels)
 
     def _eval_loader(self) -> DataLoader:
         self._require_setup()
