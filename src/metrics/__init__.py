@@ -1,6 +1,6 @@
 """Re-ID evaluation: Market-1501 protocol (CMC, mAP, mINP), re-ranking, DDP metric, rank lists.
 
-Names are imported lazily, so that ``import src.metrics.functional`` does not pay for
+Names are imported lazily, so that ``import src.metrics.rank`` does not pay for
 torchmetrics (and the torchvision it imports) or matplotlib.
 """
 
@@ -10,12 +10,15 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
-    "SkippedQueriesWarning": "src.metrics.functional",
-    "compute_distance_matrix": "src.metrics.functional",
-    "evaluate_features": "src.metrics.functional",
-    "evaluate_rank": "src.metrics.functional",
-    "re_ranking": "src.metrics.functional",
-    "topk_gallery": "src.metrics.functional",
+    "SkippedQueriesWarning": "src.metrics.rank",
+    "compute_distance_matrix": "src.metrics.distance",
+    "evaluate_features": "src.metrics.rank",
+    "evaluate_rank": "src.metrics.rank",
+    "evaluate_reranked": "src.metrics.rerank",
+    "k_reciprocal_jaccard": "src.metrics.rerank",
+    "re_ranking": "src.metrics.rerank",
+    "re_ranking_features": "src.metrics.rerank",
+    "topk_gallery": "src.metrics.rank",
     "plot_ranklist": "src.metrics.ranklist",
     "RankList": "src.metrics.reid_metric",
     "ReIDMetric": "src.metrics.reid_metric",
@@ -27,22 +30,30 @@ __all__ = [
     "compute_distance_matrix",
     "evaluate_features",
     "evaluate_rank",
+    "evaluate_reranked",
+    "k_reciprocal_jaccard",
     "plot_ranklist",
     "re_ranking",
+    "re_ranking_features",
     "topk_gallery",
 ]
 
 if TYPE_CHECKING:
-    from src.metrics.functional import (
+    from src.metrics.distance import compute_distance_matrix
+    from src.metrics.rank import (
         SkippedQueriesWarning,
-        compute_distance_matrix,
         evaluate_features,
         evaluate_rank,
-        re_ranking,
         topk_gallery,
     )
     from src.metrics.ranklist import plot_ranklist
     from src.metrics.reid_metric import RankList, ReIDMetric
+    from src.metrics.rerank import (
+        evaluate_reranked,
+        k_reciprocal_jaccard,
+        re_ranking,
+        re_ranking_features,
+    )
 
 
 def __getattr__(name: str) -> Any:

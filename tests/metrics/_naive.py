@@ -89,3 +89,46 @@ def naive_re_ranking(q_g_dist, q_q_dist, g_g_dist, k1, k2, lambda_value):
             jaccard = 1 - np.minimum(V[i], V[g]).sum() / np.maximum(V[i], V[g]).sum()
             out[i, j] = (1 - lambda_value) * jaccard + lambda_value * d[i, g]
     return out
+
+
+def naive_k_reciprocal_jaccard(features, k1, k2, metric="euclidean"):
+    """Dense (N, N) Jaccard distance by loops and sets, cluster-contrast-reid's conventions.
+
+    ``compute_jaccard_distance`` with its faiss search replaced by a stable argsort of the dense
+    distances: N(i) holds k1 items, the half sets round(k1/2)+1 (capped at k1), V weights
+    exp(-d) normalised over R*(i), k2 query expansion over the first k2 items of N(i), then
+    jaccard = 1 - sum min / sum max, clamped at 0.
+    """
+    x = np.asarray(features, dtype=np.float64)
+    if metric == "cosine":
+        x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    n = len(x)
+    d = np.empty((n, n))
+    for i in range(n):
+        for j in range(n):
+            d[i, j] = ((x[i] - x[j]) ** 2).sum()
+    order = np.argsort(d, axis=1, kind="stable")[:, :k1]
+
+    def reciprocal(p, k):
+        k = min(k, k1)
+        return {int(g) for g in order[p, :k] if p in order[g, :k]}
+
+    half = int(round(k1 / 2)) + 1
+    V = np.zeros((n, n))
+    for p in range(n):
+        base = reciprocal(p, k1)
+        r_star = set(base)
+        for c in base:
+            r_half = reciprocal(c, half)
+            if len(r_half & base) > 2 / 3 * len(r_half):
+                r_star |= r_half
+        total = sum(np.exp(-d[p, g]) for g in r_star)
+        for g in r_star:
+            V[p, g] = np.exp(-d[p, g]) / total
+    if k2 != 1:
+        V = np.stack([V[order[p, :k2]].mean(axis=0) for p in range(n)])
+    out = np.ones((n, n))
+    for i in range(n):
+        for j in range(n):
+            out[i, j] = 1 - np.minimum(V[i], V[j]).sum() / np.maximum(V[i], V[j]).sum()
+    return np.maximum(out, 0.0)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from src.metrics import functional as MF
+from src.metrics import rank as MF
 from src.metrics.functional import (
     SkippedQueriesWarning,
     compute_distance_matrix,

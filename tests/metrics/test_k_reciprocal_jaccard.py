@@ -1,0 +1,118 @@
+"""k_reciprocal_jaccard (sparse, chunked) against a dense loop version of the reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import sparse
+
+from src.metrics import k_reciprocal_jaccard
+from src.metrics import rerank as RR
+from tests.metrics._naive import naive_k_reciprocal_jaccard
+
+
+def _blobs(seed: int, n: int, dim: int = 4, ids: int = 5) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((ids, dim)) * 2
+    return (centres[rng.integers(0, ids, n)] + rng.standard_normal((n, dim))).astype(np.float32)
+
+
+def _dense(m: sparse.csr_matrix) -> np.ndarray:
+    """The implied dense matrix: stored values, 1 elsewhere."""
+    coo = m.tocoo()
+    out = np.ones(m.shape)
+    out[coo.row, coo.col] = coo.data
+    return out
+
+
+def _check(got: sparse.csr_matrix, ref: np.ndarray) -> None:
+    n = ref.shape[0]
+    assert isinstance(got, sparse.csr_matrix) and got.shape == (n, n)
+    assert got.dtype == np.float32 and got.has_sorted_indices
+    np.testing.assert_allclose(_dense(got), ref, atol=1e-6)
+    assert (got.data < 1.0).all()  # only the pairs below 1 are stored
+    coo = got.tocoo()
+    stored = np.zeros((n, n), dtype=bool)
+    stored[coo.row, coo.col] = True
+    assert stored[ref < 1 - 1e-6].all()  # ... and all of them
+    assert stored[np.arange(n), np.arange(n)].all()  # explicit zero diagonal
+    assert (got.diagonal() == 0).all()
+
+
+@pytest.mark.parametrize(
+    ("k1", "k2", "metric", "chunk"),
+    [(6, 3, "euclidean", 7), (5, 1, "cosine", None), (8, 6, "euclidean", 1), (4, 9, "cosine", 3),
+     (7, 2, "euclidean", 50), (1, 1, "euclidean", None)],
+)  # fmt: skip
+def test_matches_dense_loop_reference(k1, k2, metric, chunk):
+    x = _blobs(k1 * 10 + k2, 40)
+    ref = naive_k_reciprocal_jaccard(x, k1, k2, metric)
+    _check(k_reciprocal_jaccard(torch.from_numpy(x), k1, k2, metric, chunk_size=chunk), ref)
+
+
+def test_several_pair_chunks_and_numpy_input(monkeypatch):
+    # a tiny pair budget forces many Jaccard / query-expansion chunks
+    monkeypatch.setattr(RR, "_PAIR_BUDGET", 50)
+    monkeypatch.setattr(RR, "_SET_BUDGET", 64)
+    x = _blobs(3, 60, dim=6)
+    _check(k_reciprocal_jaccard(x, 10, 4, chunk_size=9), naive_k_reciprocal_jaccard(x, 10, 4))
+
+
+def test_ties_go_to_the_lower_index():
+    # integer features on a grid: many exactly equal distances, and exact duplicates
+    rng = np.random.default_rng(5)
+    x = rng.integers(0, 3, (45, 2)).astype(np.float32)
+    for k1, k2 in ((6, 3), (9, 1)):
+        _check(k_reciprocal_jaccard(x, k1, k2, chunk_size=4), naive_k_reciprocal_jaccard(x, k1, k2))
+
+
+def test_far_items_are_exactly_one_and_far_clusters_do_not_mix():
+    # two clusters far apart: no shared neighbour, so every cross pair is implicitly 1
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((30, 3)) * 0.5
+    x[:15, 0] -= 3.0  # (small magnitudes: float32 squared distances stay accurate)
+    x[15:, 0] += 3.0
+    got = k_reciprocal_jaccard(x.astype(np.float32), 5, 3)
+    coo = got.tocoo()
+    assert ((coo.row < 15) == (coo.col < 15)).all()
+    _check(got, naive_k_reciprocal_jaccard(x, 5, 3))
+
+
+def test_input_validation():
+    x = np.zeros((5, 3), dtype=np.float32)
+    with pytest.raises(ValueError, match="k1=6 must not exceed"):
+        k_reciprocal_jaccard(x, k1=6)
+    with pytest.raises(ValueError, match="metric"):
+        k_reciprocal_jaccard(x, k1=2, metric="l1")
+    with pytest.raises(ValueError, match="knn"):
+        k_reciprocal_jaccard(x, k1=2, knn="annoy")
+    with pytest.raises(ValueError, match="2-D"):
+        k_reciprocal_jaccard(np.zeros(5), k1=2)
+    bad = x.copy()
+    bad[1, 1] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        k_reciprocal_jaccard(bad, k1=2, knn="torch")
+
+
+def test_faiss_knn_matches_torch_knn():
+    pytest.importorskip("faiss")
+    x = _blobs(9, 50, dim=8)
+    a = k_reciprocal_jaccard(x, 7, 3, knn="faiss")
+    b = k_reciprocal_jaccard(x, 7, 3, knn="torch")
+    np.testing.assert_allclose(_dense(a), _dense(b), atol=1e-5)
+
+
+def test_faiss_requested_but_missing(monkeypatch):
+    monkeypatch.setattr(RR, "_faiss_available", lambda: False)
+    with pytest.raises(ImportError, match="faiss-cpu"):
+        k_reciprocal_jaccard(np.zeros((5, 3), dtype=np.float32), k1=2, knn="faiss")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_features_give_the_cpu_result():
+    x = torch.from_numpy(_blobs(4, 200, dim=16))
+    cpu = k_reciprocal_jaccard(x, 12, 4)
+    gpu = k_reciprocal_jaccard(x.cuda(), 12, 4)
+    np.testing.assert_allclose(_dense(gpu), _dense(cpu), atol=1e-5)
