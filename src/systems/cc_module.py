@@ -196,6 +196,10 @@ class ClusterContrastModule(ReIDSystem):
     def on_train_start(self) -> None:
         # After the checkpoint restore for every strategy: a resumed run has weights_loaded.
         if bool(self.weights_loaded):
+            if int(self.clustered_epoch) == self.current_epoch:
+                # Resumed mid-epoch: Lightning skips on_train_epoch_start, and the sampler must
+                # finish the epoch on the restored labels.
+                self.trainer.datamodule.set_target_pseudo_labels(self.pseudo_labels.cpu())
             return
         if self.hparams.pretrained_ckpt:
             self.load_pretrained(self.hparams.pretrained_ckpt)

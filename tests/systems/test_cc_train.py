@@ -4,6 +4,7 @@ mid-epoch resume that restores the memory and the pseudo-labels instead of re-cl
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 from lightning.pytorch import Callback
 from omegaconf import open_dict
 
+from src.models import ReIDNet
 from src.systems import ClusterContrastModule
 from src.train import train
 from tests.systems._cc_helpers import tiny_cc_overrides, tiny_stage1
@@ -96,27 +98,26 @@ def test_cc_resume_mid_epoch_restores_memory_and_labels(
     moved by a step) and pseudo-labels; the next epoch re-clusters."""
     overrides = [*tiny_cc_overrides(tiny_data_root, stage1_ckpt), "trainer.max_epochs=1",
                  "test=false", "+trainer.limit_train_batches=2",
-                 "callbacks.model_checkpoint.every_n_train_steps=1",
                  "callbacks.model_checkpoint.save_top_k=-1",
                  "callbacks.model_checkpoint.save_last=false",
-                 "callbacks.model_checkpoint.filename=step{step}"]  # fmt: skip
+                 "+callbacks.model_checkpoint.every_n_train_steps=1",
+                 "callbacks.model_checkpoint.filename='step{step}'"]  # fmt: skip
     cfg = make_cfg(overrides)
     _, objects = train(cfg)
-    ckpt = Path(cfg.paths.output_dir, "checkpoints", "stepstep=1.ckpt")
+    ckpt = Path(cfg.paths.output_dir, "checkpoints", "step1.ckpt")
     saved = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
     # a fresh module restores the checkpointed memory shape (the epoch's cluster count)
     fresh = ClusterContrastModule(
-        net=objects["system"].hparams and __import__("functools").partial(
-            type(objects["system"].net), backbone="resnet18", last_stride=2, last_relu=False
-        ),
+        net=partial(ReIDNet, backbone="resnet18", last_stride=2, last_relu=False),
         optimizer=torch.optim.Adam,
         num_target_train=len(saved["pseudo_labels"]),
     )
+    assert fresh.memory.shape[0] == 0 < saved["memory"].shape[0]
     fresh.load_state_dict(saved, strict=True)
     assert torch.equal(fresh.memory, saved["memory"])
     assert torch.equal(fresh.pseudo_labels, saved["pseudo_labels"])
 
-    cfg2 = make_cfg([*overrides[:-4], "trainer.max_epochs=2", f"ckpt_path={ckpt}"])
+    cfg2 = make_cfg([*overrides[:-5], "trainer.max_epochs=2", f"ckpt_path={ckpt}"])
     with open_dict(cfg2):
         cfg2.callbacks.recorder = {"_target_": "tests.systems.test_cc_train.Recorder"}
     _, objects2 = train(cfg2)
