@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+from lightning.pytorch import Callback
+
 from src.data import build_dataset
 from tests.conftest import tiny_overrides
 from tests.systems._mar_helpers import save_stage1
@@ -33,3 +36,30 @@ def tiny_stage1(data_root: Path, path: Path, seed: int = 0) -> Path:
         "synthetic", data_root / "synthetic" / "A", domain="A", preset="tiny"
     ).num_train_pids
     return save_stage1(path, seed=seed, num_classes=num_ids)
+
+
+class StateRecorder(Callback):
+    """Per rank, to ``out_dir/rank{r}.pt``: the pseudo-labels and memory at the first training
+    batch (right after the epoch's clustering and broadcast) and the memory at the end of
+    training (after the last step's gathered update: nothing broadcasts it)."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = out_dir
+        self.start: dict[str, torch.Tensor] | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.start is None:
+            self.start = {
+                "labels": pl_module.pseudo_labels.cpu().clone(),
+                "memory": pl_module.memory.cpu().clone(),
+            }
+
+    def on_train_end(self, trainer, pl_module):
+        result = {
+            "world_size": trainer.world_size,
+            "start": self.start,
+            "end_memory": pl_module.memory.cpu().clone(),
+            "steps": trainer.global_step,
+        }
+        Path(self.out_dir).mkdir(parents=True, exist_ok=True)
+        torch.save(result, Path(self.out_dir) / f"rank{trainer.global_rank}.pt")
