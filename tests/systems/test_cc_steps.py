@@ -129,8 +129,8 @@ def _sparse_distances(seed, n=60):
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((5, 3)) * 3
     x = centres[rng.integers(0, 5, n)] + rng.standard_normal((n, 3)) * 0.7
-    x[1] = x[0]
-    x[3] = x[2]
+    x[:4] = 100.0  # four identical images far from the rest: a cluster only through the
+    x[5] = x[4]  # explicit zeros (min_samples = 4); and one more duplicate pair
     d = np.sqrt(((x[:, None] - x[None]) ** 2).sum(-1)) / 4
     d = np.minimum(d, 1.0)
     rows, cols = np.nonzero(d < 1)
@@ -148,6 +148,7 @@ def test_dbscan_on_sparse_equals_sklearn_on_dense(seed, eps):
     assert got.dtype == np.int64
     np.testing.assert_array_equal(got, expected)
     assert len(set(got) - {-1}) >= 2  # a non-trivial clustering
+    assert got[0] >= 0 and (got[:4] == got[0]).all()  # the duplicates' cluster
 
 
 def test_dbscan_rejects_eps_outside_the_jaccard_range():
