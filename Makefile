@@ -7,7 +7,7 @@ CONSTRAINTS := .ci/constraints.txt
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: install train test test-full lint format bench mar-demo sweep-demo clean help
+.PHONY: install train test test-full lint format bench mar-demo uda-demo sweep-demo clean help
 
 help:
 	@echo "make train       # default run: python -m src.train (ARGS='key=value ...' for overrides)"
@@ -15,6 +15,7 @@ help:
 	@echo "make lint        # ruff check + format check;  make format  # apply ruff format"
 	@echo "make bench       # benchmarks -> docs/benchmarks.md"
 	@echo "make mar-demo    # MAR stage 1 + stage 2 on the synthetic A->B benchmark"
+	@echo "make uda-demo    # direct transfer, MAR, cluster contrast, supervised on B (synthetic A->B)"
 	@echo "make sweep-demo  # margin x mining-ratio multirun + summary table/plot"
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
@@ -47,6 +48,9 @@ bench: install
 
 mar-demo: install
 	$(PY) -m src.tools.mar_demo $(ARGS)
+
+uda-demo: install
+	$(PY) -m src.tools.uda_demo $(ARGS)
 
 sweep-demo: install
 	$(PY) -m src.tools.sweep_demo $(ARGS)

@@ -183,7 +183,9 @@ class ClusterContrastModule(ReIDSystem):
         load = {
             k: v
             for k, v in state.items()
-            if k in own and own[k].shape == v.shape and k.split(".")[0] in ("backbone", "pool", "neck")
+            if k in own
+            and own[k].shape == v.shape
+            and k.split(".")[0] in ("backbone", "pool", "neck")
         }
         self.net.load_state_dict(load, strict=False)
         self.weights_loaded.fill_(True)
@@ -204,7 +206,9 @@ class ClusterContrastModule(ReIDSystem):
         if self.hparams.pretrained_ckpt:
             self.load_pretrained(self.hparams.pretrained_ckpt)
         else:
-            rank_zero_info("cluster contrast: no system.pretrained_ckpt, the model config's weights")
+            rank_zero_info(
+                "cluster contrast: no system.pretrained_ckpt, the model config's weights"
+            )
             self.weights_loaded.fill_(True)
 
     # ------------------------------------------------------------------ clustering

@@ -134,7 +134,9 @@ def cluster_diagnostics(labels: Tensor, true_ids: Tensor | None = None) -> dict[
 # ----------------------------------------------------------------------------------------------
 # Memory and loss (every step)
 # ----------------------------------------------------------------------------------------------
-def cluster_contrast_loss(feat: Tensor, labels: Tensor, memory: Tensor, temperature: float) -> Tensor:
+def cluster_contrast_loss(
+    feat: Tensor, labels: Tensor, memory: Tensor, temperature: float
+) -> Tensor:
     """InfoNCE over the cluster memory: ``mean_i -log softmax(f_i·Mᵀ/τ)[y_i]``.
 
     Args:

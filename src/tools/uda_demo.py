@@ -9,6 +9,8 @@ AP). Prints the table (mean ± std over seeds) and writes `results.json` / `resu
     python -m src.tools.uda_demo                               # seed 0, every method
     python -m src.tools.uda_demo --seeds 0 1 2 --methods cc    # direct transfer + cluster contrast
     python -m src.tools.uda_demo --quick --out /tmp/uda_demo   # tiny data, 1 epoch (tests)
+    python -m src.tools.uda_demo --seeds 0 1 2 --methods cc --stage1-from logs/mar_demo
+        # reuse the stage-1 checkpoints of an earlier `make mar-demo` (seed<N>/stage1/...)
 """
 
 from __future__ import annotations
@@ -42,11 +44,19 @@ class UDADemo(Demo):
         return [*(quick + QUICK_CC if self.quick else []), *self.extra]
 
 
-def one_seed(seed: int, demo: UDADemo, methods: Sequence[str]) -> dict[str, dict]:
-    """Stage 1, direct transfer and each method for one seed; metrics per row."""
+def one_seed(
+    seed: int, demo: UDADemo, methods: Sequence[str], stage1_from: Path | None = None
+) -> dict[str, dict]:
+    """Stage 1 (or its checkpoint from an earlier demo in `stage1_from`), direct transfer and
+    each method for one seed; metrics per row."""
     d = demo.out / f"seed{seed}"
     pretrain = ["experiment=synthetic_source_pretrain", f"seed={seed}"]
-    ckpt1 = demo.train("stage1", d / "stage1", "train", pretrain)
+    if stage1_from is None:
+        ckpt1 = demo.train("stage1", d / "stage1", "train", pretrain)
+    else:
+        ckpt1 = stage1_from / f"seed{seed}" / "stage1" / "checkpoints" / "last.ckpt"
+        if not ckpt1.is_file():
+            raise FileNotFoundError(f"--stage1-from: {ckpt1} does not exist")
     results = {
         DIRECT: demo.evaluate(
             "direct_eval",
@@ -99,13 +109,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=list(METHODS))
     parser.add_argument("--out", default="logs/uda_demo")
     parser.add_argument("--quick", action="store_true", help="tiny data, one epoch (a smoke test)")
+    parser.add_argument(
+        "--stage1-from",
+        type=Path,
+        default=None,
+        help="folder of an earlier demo whose seed<N>/stage1 checkpoints to reuse",
+    )
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     args = parser.parse_args(argv)
     root = Path(args.out)
     per_seed, seconds = {}, {}
     for seed in args.seeds:
         demo = UDADemo(root, args.overrides, args.quick)
-        per_seed[seed] = one_seed(seed, demo, args.methods)
+        per_seed[seed] = one_seed(seed, demo, args.methods, args.stage1_from)
         seconds[seed] = demo.seconds
     table = summarise(per_seed)
     (root / "results.json").write_text(

@@ -40,7 +40,9 @@ def _problem():
 
 def _run(rank, mode):
     memory, batches = _problem()
-    rows = slice(None) if rank is None else slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD)
+    rows = (
+        slice(None) if rank is None else slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD)
+    )
     grads = []
     for feat, labels in batches:
         x = feat[rows].clone().requires_grad_(True)

@@ -67,9 +67,7 @@ class Recorder(Callback):
 
 
 def test_cc_fast_dev_run(tiny_data_root, stage1_ckpt, make_cfg):
-    cfg = make_cfg(
-        [*tiny_cc_overrides(tiny_data_root, stage1_ckpt), "+trainer.fast_dev_run=true"]
-    )
+    cfg = make_cfg([*tiny_cc_overrides(tiny_data_root, stage1_ckpt), "+trainer.fast_dev_run=true"])
     with open_dict(cfg):
         cfg.callbacks.recorder = {"_target_": "tests.systems.test_cc_train.Recorder"}
     metrics, objects = train(cfg)
