@@ -7,7 +7,7 @@ CONSTRAINTS := .ci/constraints.txt
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: install train test test-full lint format bench gpu-check mar-demo sweep-demo clean clean-logs help
+.PHONY: install train test test-full lint format bench gpu-check mar-demo uda-demo sweep-demo clean clean-logs help
 
 help:
 	@echo "make train       # default run: python -m src.train (ARGS='key=value ...' for overrides)"
@@ -16,6 +16,7 @@ help:
 	@echo "make bench       # benchmarks -> docs/benchmarks.md"
 	@echo "make gpu-check   # GPU tests + GPU throughput/sync checks -> docs/benchmarks.md (skips without CUDA)"
 	@echo "make mar-demo    # MAR stage 1 + stage 2 on the synthetic A->B benchmark"
+	@echo "make uda-demo    # direct transfer, MAR, cluster contrast, supervised on B (synthetic A->B)"
 	@echo "make sweep-demo  # margin x mining-ratio multirun + summary table/plot"
 	@echo "make clean-logs  # delete logs/ (runs, checkpoints, sweeps)"
 
@@ -52,6 +53,9 @@ gpu-check: install
 
 mar-demo: install
 	$(PY) -m src.tools.mar_demo $(ARGS)
+
+uda-demo: install
+	$(PY) -m src.tools.uda_demo $(ARGS)
 
 sweep-demo: install
 	$(PY) -m src.tools.sweep_demo $(ARGS)

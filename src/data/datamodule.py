@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Sampler
 from src.data.datasets import ReIDDataset, build_dataset
 from src.data.image_dataset import DecodedImageCache, ImageDataset
 from src.data.records import ReIDRecord
-from src.data.samplers import DistributedPKSampler, ShardedSampler
+from src.data.samplers import DistributedPKSampler, PseudoLabelPKSampler, ShardedSampler
 from src.data.seeding import SeededDataset, SeededSampler, loader_generator
 from src.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transforms, cached_mean_std
 from src.data.val_split import hold_out_identities, official_validation
@@ -88,6 +88,13 @@ class ReIDDataModule(LightningDataModule):
         image_cache: keep every decoded image, resized to (height, width), in a uint8 memory
             map shared by the loader workers (`DecodedImageCache`; N x height x width x 3 bytes
             per split and process, docs/scaling.md): files are decoded once, not every epoch.
+        target_sampler: "random" (above) or "pseudo_labels": clustering-based UDA/USL
+            (`ClusterContrastModule`): ``train_dataloader()`` is then a P×K loader (batch_size,
+            num_instances) over the *target* train split alone, drawing pseudo-identities that
+            the system hands over each epoch with :meth:`set_target_pseudo_labels` (outliers
+            -1 are never drawn); `iters_per_epoch` batches per rank and epoch. The source is
+            not used for training (its spec may name the target dataset again).
+        iters_per_epoch: batches per epoch of the pseudo-label loader.
     """
 
     def __init__(
@@ -118,6 +125,8 @@ class ReIDDataModule(LightningDataModule):
         val_ids: int | float | str = 0,
         verify_images: bool = False,
         image_cache: bool = False,
+        target_sampler: Literal["random", "pseudo_labels"] = "random",
+        iters_per_epoch: int | None = None,
     ) -> None:
         super().__init__()
         for name, spec in (("source", source), ("target", target)):
@@ -125,7 +134,17 @@ class ReIDDataModule(LightningDataModule):
                 raise ValueError(f"data.{name} needs 'name' and 'root' keys, got {dict(spec)}")
         if source_sampler not in ("pk", "random"):
             raise ValueError(f"source_sampler must be 'pk' or 'random', got {source_sampler!r}")
-        uses_pk = target is None or source_sampler == "pk"
+        if target_sampler not in ("random", "pseudo_labels"):
+            raise ValueError(
+                f"target_sampler must be 'random' or 'pseudo_labels', got {target_sampler!r}"
+            )
+        if target_sampler == "pseudo_labels" and (target is None or not iters_per_epoch):
+            raise ValueError(
+                "data.target_sampler=pseudo_labels needs data.target (the unlabelled domain) and "
+                f"data.iters_per_epoch >= 1, got target={target}, iters_per_epoch="
+                f"{iters_per_epoch}"
+            )
+        uses_pk = target is None or source_sampler == "pk" or target_sampler == "pseudo_labels"
         if uses_pk and (num_instances < 1 or batch_size % num_instances):
             raise ValueError(
                 f"batch_size ({batch_size}) must be a multiple of num_instances ({num_instances}) "
@@ -175,11 +194,15 @@ class ReIDDataModule(LightningDataModule):
         self.val_split: tuple[list[ReIDRecord], list[ReIDRecord]] | None = None
         self.image_cache = bool(image_cache)
         self._caches: dict[tuple[str, str, str], DecodedImageCache] = {}
+        self.target_sampler = target_sampler
+        self.iters_per_epoch = iters_per_epoch
+        self._target_pseudo_labels: torch.Tensor | None = None
         self.source_data: ReIDDataset | None = None
         self.target_data: ReIDDataset | None = None
         # Normalisation per domain ("source"/"target"): resolved in setup, checkpointed.
         self.stats: dict[str, tuple[list[float], list[float]]] = {}
         self._samplers: dict[str, SeededSampler] = {}
+        self._batch_sizes: dict[str, int] = {}
         self._sampler_states: dict[str, dict[str, Any]] = {}
 
     # ----------------------------------------------------------------------------- setup
@@ -350,6 +373,7 @@ class ReIDDataModule(LightningDataModule):
         """A training loader: every sample's augmentation is seeded by the sampler
         (:mod:`src.data.seeding`), so a resumed run replays it with any number of workers."""
         seeded = SeededSampler(sampler)
+        self._batch_sizes[name] = batch_size
         if name in self._sampler_states:
             seeded.load_state_dict(self._sampler_states.pop(name))
         self._samplers[name] = seeded
@@ -389,6 +413,8 @@ class ReIDDataModule(LightningDataModule):
     def train_dataloader(self) -> DataLoader | CombinedLoader:
         """Supervised: the source P×K loader. Domain adaptation: a max_size_cycle
         CombinedLoader of ``{"source": ..., "target": ...}`` whose length is the source's."""
+        if self.target_sampler == "pseudo_labels":
+            return self._pseudo_label_loader()
         source = self._source_loader()
         if self.target_data is None:
             return source
@@ -412,6 +438,40 @@ class ReIDDataModule(LightningDataModule):
                 f"{self.target_batch_size} per rank on {world} rank(s)"
             )
         return CombinedLoader({"source": source, "target": target}, mode="max_size_cycle")
+
+    def _pseudo_label_loader(self) -> DataLoader:
+        self._require_setup()
+        world, rank = self._world()
+        records = self.target_data.train  # type: ignore[union-attr]
+        cache = self._cache("target", "train", len(records), train=True)
+        dataset = ImageDataset(records, self._transform("target", train=True), cache=cache)
+        sampler = PseudoLabelPKSampler(
+            len(dataset),
+            self.num_instances,
+            self.batch_size,
+            int(self.iters_per_epoch),  # type: ignore[arg-type]
+            world,
+            rank,
+            self.seed + 1,
+        )
+        if self._target_pseudo_labels is not None:
+            sampler.set_labels(self._target_pseudo_labels)
+        return self._loader(dataset, self.batch_size, sampler, "target", drop_last=True)
+
+    def set_target_pseudo_labels(self, labels: Sequence[int] | torch.Tensor) -> None:
+        """Hand over the pseudo-identity of every target train image ((N_t,) ints, -1 =
+        outlier) for the next epochs' P×K batches (``target_sampler="pseudo_labels"``). Call it
+        on every rank with the same labels before the epoch's loader is iterated (the
+        `ClusterContrastModule` does, in ``on_train_epoch_start``)."""
+        if self.target_sampler != "pseudo_labels":
+            raise RuntimeError(
+                "set_target_pseudo_labels needs data.target_sampler=pseudo_labels (the target "
+                f"loader is {self.target_sampler!r})"
+            )
+        self._target_pseudo_labels = torch.as_tensor(labels, dtype=torch.long).cpu()
+        seeded = self._samplers.get("target")
+        if seeded is not None and isinstance(seeded.sampler, PseudoLabelPKSampler):
+            seeded.sampler.set_labels(self._target_pseudo_labels)
 
     def _eval_loader(self, stage: str) -> DataLoader:
         world, rank = self._world()
@@ -495,7 +555,7 @@ class ReIDDataModule(LightningDataModule):
         done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
         if done >= trainer.num_training_batches:  # end of the epoch: the next one starts afresh
             return {**state, "epoch": trainer.current_epoch + 1, "iteration": 0, "skip": 0}
-        batch = self.batch_size if name == "source" else self.target_batch_size
+        batch = self._batch_sizes[name]
         per_pass = len(sampler) // batch  # a cycled (target) loader makes several passes
         return {
             **state,

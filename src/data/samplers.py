@@ -263,3 +263,102 @@ class ShardedSampler(_EpochSeeded, Sampler[int]):
         total = math.ceil(self.size / self.num_replicas) * self.num_replicas
         order = order.repeat(math.ceil(total / self.size))[:total]
         return iter(order[self.rank :: self.num_replicas][: self.num_samples].tolist())
+
+
+class PseudoLabelPKSampler(_EpochSeeded, Sampler[int]):
+    """P×K sampler over *pseudo*-identities that change every epoch (clustering-based UDA).
+
+    The labels are handed over with :meth:`set_labels` (``-1`` = outlier: never drawn) before the
+    epoch's ``__iter__``; each epoch then yields exactly `num_batches` batches per rank, as the
+    fixed "iterations per epoch" of the clustering methods: :class:`DistributedPKSampler` passes
+    over the inliers' pseudo-identities (P distinct clusters per rank, disjoint over the ranks of
+    a step) are concatenated until `num_batches` global batches exist. Every rank computes the
+    same global plan (same labels, same seed), so the loader length never changes between epochs
+    and Lightning needs no dataloader reload.
+
+    Args:
+        num_samples: size of the (target train) dataset the labels describe.
+        num_instances: K.
+        batch_size: per-rank batch P*K.
+        num_batches: batches per rank and epoch (the recipe's iterations per epoch).
+        num_replicas, rank: DDP world size and rank.
+        seed: base seed, identical on every rank.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        num_instances: int,
+        batch_size: int,
+        num_batches: int,
+        num_replicas: int = 1,
+        rank: int = 0,
+        seed: int = 0,
+    ) -> None:
+        _EpochSeeded.__init__(self, seed)
+        if num_instances < 1 or batch_size < num_instances or batch_size % num_instances:
+            raise ValueError(
+                f"batch_size ({batch_size}) must be a positive multiple of num_instances "
+                f"({num_instances})"
+            )
+        if num_batches < 1:
+            raise ValueError(f"num_batches (iterations per epoch) must be >= 1, got {num_batches}")
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} out of range for num_replicas={num_replicas}")
+        self.num_samples = int(num_samples)
+        self.num_instances = num_instances
+        self.batch_size = batch_size
+        self.num_batches = int(num_batches)
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.ids_per_batch = batch_size // num_instances
+        self.labels: torch.Tensor | None = None
+
+    def set_labels(self, labels: Sequence[int] | torch.Tensor) -> None:
+        """Pseudo-label of every dataset sample, (num_samples,) ints, -1 for outliers."""
+        labels = torch.as_tensor(labels, dtype=torch.long).detach().cpu().flatten()
+        if labels.numel() != self.num_samples:
+            raise ValueError(
+                f"pseudo-labels: got {labels.numel()} labels for a dataset of {self.num_samples}"
+            )
+        clusters = int(torch.unique(labels[labels >= 0]).numel())
+        needed = self.ids_per_batch * self.num_replicas
+        if clusters < needed:
+            raise ValueError(
+                f"pseudo-labels: {clusters} clusters, but P×K batches need at least P × "
+                f"world size = {self.ids_per_batch} × {self.num_replicas} = {needed} distinct "
+                "clusters per step (raise the clustering eps or lower data.batch_size / raise "
+                "data.num_instances)"
+            )
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return self.num_batches * self.batch_size
+
+    def __iter__(self) -> Iterator[int]:
+        if self.labels is None:
+            raise RuntimeError(
+                "PseudoLabelPKSampler: no pseudo-labels yet; the system must call "
+                "datamodule.set_target_pseudo_labels(labels) before the epoch starts"
+            )
+        inliers = torch.nonzero(self.labels >= 0).flatten()
+        pk = DistributedPKSampler(
+            self.labels[inliers].tolist(),
+            self.num_instances,
+            self.batch_size,
+            self.num_replicas,
+            self.rank,
+            self.seed,
+        )
+        if pk.num_batches == 0:
+            raise ValueError("pseudo-labels allow no P×K batch with distinct clusters")
+        gen = self._next_generator()
+        plans, total = [], 0
+        while total < self.num_batches:
+            plan = pk.global_plan(gen)  # (B, P*W, K) positions into `inliers`
+            plans.append(plan)
+            total += len(plan)
+        plan = torch.cat(plans)[: self.num_batches]
+        P = self.ids_per_batch
+        mine = plan[:, self.rank * P : (self.rank + 1) * P, :]
+        return iter(inliers[mine.reshape(-1)].tolist())

@@ -14,11 +14,12 @@ from src.eval import evaluate
 from src.train import train
 from tests.conftest import CONF_DIR, tiny_overrides
 
-# MAR stage 2 runs in test_mar_train.py; the MSMT17 recipes set MSMT17-only source options.
+# MAR stage 2 runs in test_mar_train.py, cluster contrast (*_cc) in test_cc_train.py; the MSMT17
+# recipes set MSMT17-only source options.
 SUPERVISED_EXPERIMENTS = sorted(
     p.stem
     for p in Path(CONF_DIR, "experiment").glob("*.yaml")
-    if not p.stem.endswith("_mar") and not p.stem.startswith("msmt17")
+    if not p.stem.endswith(("_mar", "_cc")) and not p.stem.startswith("msmt17")
 )
 ALL_EXPERIMENTS = sorted(p.stem for p in Path(CONF_DIR, "experiment").glob("*.yaml"))
 SCHEDULERS = sorted(p.stem for p in Path(CONF_DIR, "scheduler").glob("*.yaml"))
@@ -84,6 +85,9 @@ def test_every_experiment_composes_with_its_recipe(experiment, make_cfg):
         "msmt17_source_pretrain": ("scheduler.milestones", [30]),
         "synthetic_source_pretrain": ("scheduler.milestones", [8, 11]),
         "synthetic_mar": ("scheduler.milestones", [11, 16]),
+        "synthetic_cc": ("scheduler.milestones", [8, 16]),
+        "market_usl_cc": ("data.num_instances", 16),
+        "msmt17_to_market_cc": ("scheduler.milestones", [20, 40]),
     }
     if experiment in recipes:
         key, value = recipes[experiment]
