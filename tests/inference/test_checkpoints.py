@@ -182,19 +182,28 @@ def test_checkpoint_targets_are_restricted(supervised_ckpt, tmp_path):
     assert hydra.utils.get_class("src.systems.TripletReIDModule") is TripletReIDModule
 
 
-def test_run_dir_takes_the_best_checkpoint_recorded_in_last(supervised_ckpt, tmp_path):
+def test_run_dir_takes_the_checkpoint_the_run_tested(supervised_ckpt, tmp_path):
+    """run_dir=DIR evaluates what the run's own test reported: last.ckpt (test_ckpt: last), or
+    the best checkpoint recorded in last.ckpt when the run had test_ckpt: best."""
+    import yaml
     from omegaconf import OmegaConf
 
     from src.eval import resolve_ckpt_path
 
     checkpoints = tmp_path / "run" / "checkpoints"
     checkpoints.mkdir(parents=True)
-    best = checkpoints / "epoch_003.ckpt"
+    best = checkpoints / "best_epoch_003.ckpt"
     shutil.copy(supervised_ckpt, best)
     last = torch.load(supervised_ckpt, weights_only=True)
-    last["callbacks"] = {"ModelCheckpoint{'monitor': 'val/mAP'}": {"best_model_path": str(best)}}
+    state = {"monitor": "val/mAP", "best_model_path": str(best)}
+    last["callbacks"] = {"VerifiedModelCheckpoint{'monitor': 'val/mAP'}": state}
     torch.save(last, checkpoints / "last.ckpt")
     cfg = OmegaConf.create({"ckpt_path": None, "run_dir": str(tmp_path / "run")})
+    hydra_dir = tmp_path / "run" / ".hydra"
+    hydra_dir.mkdir()
+    (hydra_dir / "config.yaml").write_text(yaml.safe_dump({"test_ckpt": "last"}))
+    assert resolve_ckpt_path(cfg) == checkpoints / "last.ckpt"
+    (hydra_dir / "config.yaml").write_text(yaml.safe_dump({"test_ckpt": "best"}))
     assert resolve_ckpt_path(cfg) == best
     best.unlink()  # a best checkpoint that is gone: the last one
     assert resolve_ckpt_path(cfg) == checkpoints / "last.ckpt"
