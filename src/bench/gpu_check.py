@@ -107,7 +107,7 @@ def bot_overrides(precision: str, out_dir: Path, data_dir: Path, dry_run: bool) 
         f"hydra.run.dir={out_dir}",
         f"trainer.precision={precision}",
         "trainer.max_epochs=1",
-        "++trainer.limit_val_batches=0",
+        "trainer.limit_val_batches=0",
         "test=false",
         "optimized_metric=null",
         "logger=csv",

@@ -63,7 +63,7 @@ def mar_ckpt(tiny_data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     stage1 = save_stage1(out / "stage1.ckpt", seed=0, num_classes=num_ids)
     overrides = [
         *tiny_mar_overrides(tiny_data_root, stage1),
-        "+trainer.limit_train_batches=1",
+        "trainer.limit_train_batches=1",
         "trainer.max_epochs=1",
         "test=false",
         "system.warmup_epochs=0",

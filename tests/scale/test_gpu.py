@@ -99,7 +99,7 @@ def test_training_steps_have_no_host_sync_on_cuda(make_cfg, tiny_data_root, stag
         ],
     }
     for name, overrides in runs.items():
-        cfg = make_cfg([*overrides, *GPU, "trainer.max_epochs=1", "+trainer.limit_train_batches=2"])
+        cfg = make_cfg([*overrides, *GPU, "trainer.max_epochs=1", "trainer.limit_train_batches=2"])
         with open_dict(cfg):
             cfg.callbacks.no_host_sync = {"_target_": "tests.scale._sync.NoHostSyncInStep"}
         _, objects = train(cfg)

@@ -70,9 +70,9 @@ def test_supervised_training_step_has_no_host_sync(make_cfg, tiny_data_root):
         make_cfg,
         [
             *tiny_overrides(tiny_data_root),
-            "+trainer.limit_train_batches=2",
+            "trainer.limit_train_batches=2",
             "trainer.max_epochs=1",
-            "++trainer.limit_val_batches=0",
+            "trainer.limit_val_batches=0",
             "test=false",
         ],
     )
@@ -90,8 +90,8 @@ def test_mar_training_step_has_no_host_sync(make_cfg, tiny_data_root, stage1_ckp
             *mar_overrides(tiny_data_root, stage1_ckpt),
             "system.warmup_epochs=1",
             "trainer.max_epochs=2",
-            "+trainer.limit_train_batches=1",
-            "++trainer.limit_val_batches=0",
+            "trainer.limit_train_batches=1",
+            "trainer.limit_val_batches=0",
             "system.init_cache_dir=null",
             "test=false",
         ],

@@ -109,7 +109,7 @@ def test_supervised_ddp_cpu_with_sync_batchnorm(make_cfg, tiny_data_root, tmp_pa
             "trainer.sync_batchnorm=true",
             "trainer.max_epochs=1",
             "trainer.check_val_every_n_epoch=1",
-            "+trainer.limit_train_batches=2",
+            "trainer.limit_train_batches=2",
             "scheduler.warmup_epochs=0",
             "test=false",
         ]
@@ -129,7 +129,7 @@ def test_mar_ddp_cpu_with_sync_batchnorm(make_cfg, tiny_data_root, stage1_ckpt, 
             "trainer.sync_batchnorm=true",
             "data.batch_size=8",
             "data.target_batch_size=8",
-            "+trainer.limit_train_batches=2",
+            "trainer.limit_train_batches=2",
             "test=false",
         ]
     )

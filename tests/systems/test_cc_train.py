@@ -67,7 +67,7 @@ class Recorder(Callback):
 
 
 def test_cc_fast_dev_run(tiny_data_root, stage1_ckpt, make_cfg):
-    cfg = make_cfg([*tiny_cc_overrides(tiny_data_root, stage1_ckpt), "+trainer.fast_dev_run=true"])
+    cfg = make_cfg([*tiny_cc_overrides(tiny_data_root, stage1_ckpt), "trainer.fast_dev_run=true"])
     with open_dict(cfg):
         cfg.callbacks.recorder = {"_target_": "tests.systems.test_cc_train.Recorder"}
     metrics, objects = train(cfg)
@@ -95,11 +95,12 @@ def test_cc_resume_mid_epoch_restores_memory_and_labels(
     """A checkpoint after step 1 of epoch 0, resumed: no re-clustering, the saved memory (already
     moved by a step) and pseudo-labels; the next epoch re-clusters."""
     overrides = [*tiny_cc_overrides(tiny_data_root, stage1_ckpt), "trainer.max_epochs=1",
-                 "test=false", "+trainer.limit_train_batches=2",
-                 "callbacks.model_checkpoint.save_top_k=-1",
-                 "callbacks.model_checkpoint.save_last=false",
-                 "+callbacks.model_checkpoint.every_n_train_steps=1",
-                 "callbacks.model_checkpoint.filename='step{step}'"]  # fmt: skip
+                 "test=false", "trainer.limit_train_batches=2",
+                 "+callbacks.steps._target_=lightning.pytorch.callbacks.ModelCheckpoint",
+                 "+callbacks.steps.dirpath=${paths.output_dir}/checkpoints",
+                 "+callbacks.steps.save_top_k=-1", "+callbacks.steps.every_n_train_steps=1",
+                 "+callbacks.steps.auto_insert_metric_name=false",
+                 "+callbacks.steps.filename='step{step}'"]  # fmt: skip
     cfg = make_cfg(overrides)
     _, objects = train(cfg)
     ckpt = Path(cfg.paths.output_dir, "checkpoints", "step1.ckpt")
