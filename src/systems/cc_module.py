@@ -197,6 +197,7 @@ class ClusterContrastModule(ReIDSystem):
 
     def on_train_start(self) -> None:
         # After the checkpoint restore for every strategy: a resumed run has weights_loaded.
+        super().on_train_start()  # restores the RNG states of a resumed run
         if bool(self.weights_loaded):
             if int(self.clustered_epoch) == self.current_epoch:
                 # Resumed mid-epoch: Lightning skips on_train_epoch_start, and the sampler must
