@@ -56,7 +56,7 @@ REQUIRED_KEYS = (
     "system.eval_ap",
     "system.flip_test",
     "system.rerank",
-    "callbacks.model_checkpoint.monitor",
+    "test_ckpt",
 )
 _CELL = re.compile(r"^`([^`]+)`$")
 
