@@ -45,6 +45,9 @@ def tiny_overrides(data_root: Path, train: bool = True) -> list[str]:
         "data.num_instances=4",
         "data.num_workers=0",
         "data.test_batch_size=64",
+        # validation on the test split, as the tests compare it with src.eval of the checkpoint
+        # (the default run holds out 10 % of the ids: tests/systems/test_run_guards.py)
+        "data.val_ids=0",
         "trainer.accelerator=cpu",
         "trainer.devices=1",
         "extras.print_config=false",

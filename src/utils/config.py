@@ -54,6 +54,7 @@ def validate_config(cfg: DictConfig) -> None:
             raise ValueError(
                 f"Config `{key}` is missing or has no `_target_`; pick one with {key}=NAME"
             )
+    check_argument_types(cfg)  # first: the checks below compare numbers
     data = cfg.data
     batch_size, k = data.get("batch_size"), data.get("num_instances")
     if batch_size is not None and k is not None and (k < 1 or batch_size % k != 0):
@@ -69,7 +70,6 @@ def validate_config(cfg: DictConfig) -> None:
         )
     _check_ddp_in_multirun(trainer)
     _warn_oversubscribed_cpu(trainer)
-    check_argument_types(cfg)
 
 
 def _launches_processes(trainer: DictConfig) -> bool:

@@ -122,10 +122,14 @@ def test_verify_images_lists_every_unreadable_file(tiny_data_root, tmp_path):
 # ------------------------------------------------------------------ the validation split
 def _tiny_dm(tiny_data_root: Path, **kwargs) -> ReIDDataModule:
     spec = {"name": "synthetic", "root": str(tiny_data_root / "synthetic" / "A"), "preset": "tiny"}
-    dm = ReIDDataModule(spec, height=32, width=16, batch_size=8, num_instances=2, num_workers=0,
-                        **kwargs)  # fmt: skip
+    options = {"height": 32, "width": 16, "batch_size": 8, "num_instances": 2, "num_workers": 0}
+    dm = ReIDDataModule(spec, **{**options, **kwargs})
     dm.setup()
     return dm
+
+
+def test_the_default_run_holds_out_a_tenth_of_the_identities(make_cfg):
+    assert make_cfg([]).data.val_ids == 0.1
 
 
 def test_validation_split_holds_out_training_identities(tiny_data_root):
