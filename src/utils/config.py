@@ -62,6 +62,12 @@ def validate_config(cfg: DictConfig) -> None:
             f"data.batch_size={batch_size} must be a multiple of data.num_instances={k} "
             f"(P identities x K instances per batch)"
         )
+    if batch_size is not None and k is not None and batch_size // k < 2:
+        # one identity per batch: no negatives, so a batch-hard triplet loss would be 0
+        raise ValueError(
+            f"data.batch_size={batch_size} / data.num_instances={k} gives P={batch_size // k} "
+            "identity per batch: P x K batches need P >= 2"
+        )
     trainer = cfg.trainer
     if trainer.get("use_distributed_sampler", True):
         raise ValueError(

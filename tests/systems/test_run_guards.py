@@ -282,6 +282,10 @@ def test_a_string_for_a_number_names_the_key(make_cfg, tiny_data_root, monkeypat
         train(make_cfg(tiny_overrides(tiny_data_root) + ["loss.margin=abc"]))
     with pytest.raises(TypeError, match=r"data\.batch_size=16\.5: expected an integer"):
         train(make_cfg(tiny_overrides(tiny_data_root) + ["data.batch_size=16.5"]))
+    with pytest.raises(
+        ValueError, match=r"gives P=1 identity per batch: P x K batches need P >= 2"
+    ):
+        train(make_cfg(tiny_overrides(tiny_data_root) + ["data.batch_size=4"]))
 
 
 @pytest.mark.parametrize("content", [b"", b"PK\x03\x04 cut short"], ids=["empty", "truncated"])
