@@ -195,22 +195,31 @@ class ClusterContrastModule(ReIDSystem):
             f"from {path}"
         )
 
+    def on_fit_start(self) -> None:
+        # After the module restore, before Lightning builds the training loader and creates its
+        # iterator (which, with loader workers, already draws indices from the sampler): the
+        # first epoch's pseudo-labels must exist by then. A resumed run (weights_loaded) keeps
+        # its restored weights and labels.
+        super().on_fit_start()  # the bf16 self-check
+        datamodule = self.trainer.datamodule
+        if not bool(self.weights_loaded):
+            if self.hparams.pretrained_ckpt:
+                self.load_pretrained(self.hparams.pretrained_ckpt)
+            else:
+                rank_zero_info(
+                    "cluster contrast: no system.pretrained_ckpt, the model config's weights"
+                )
+                self.weights_loaded.fill_(True)
+            self.recluster(datamodule)
+        if int(self.clustered_epoch) >= 0:
+            datamodule.set_target_pseudo_labels(self.pseudo_labels.cpu())
+
     def on_train_start(self) -> None:
-        # After the checkpoint restore for every strategy: a resumed run has weights_loaded.
         super().on_train_start()  # restores the RNG states of a resumed run
-        if bool(self.weights_loaded):
-            if int(self.clustered_epoch) == self.current_epoch:
-                # Resumed mid-epoch: Lightning skips on_train_epoch_start, and the sampler must
-                # finish the epoch on the restored labels.
-                self.trainer.datamodule.set_target_pseudo_labels(self.pseudo_labels.cpu())
-            return
-        if self.hparams.pretrained_ckpt:
-            self.load_pretrained(self.hparams.pretrained_ckpt)
-        else:
-            rank_zero_info(
-                "cluster contrast: no system.pretrained_ckpt, the model config's weights"
-            )
-            self.weights_loaded.fill_(True)
+        if int(self.clustered_epoch) == self.current_epoch:
+            # Resumed mid-epoch (Lightning skips on_train_epoch_start then): finish the epoch on
+            # the restored labels.
+            self.trainer.datamodule.set_target_pseudo_labels(self.pseudo_labels.cpu())
 
     # ------------------------------------------------------------------ clustering
     def on_train_epoch_start(self) -> None:

@@ -67,7 +67,10 @@ class Recorder(Callback):
 
 
 def test_cc_fast_dev_run(tiny_data_root, stage1_ckpt, make_cfg):
-    cfg = make_cfg([*tiny_cc_overrides(tiny_data_root, stage1_ckpt), "trainer.fast_dev_run=true"])
+    # loader workers: the training iterator draws indices before the first epoch starts, so
+    # the first clustering must happen before it (on_fit_start)
+    overrides = ["trainer.fast_dev_run=true", "data.num_workers=2"]
+    cfg = make_cfg([*tiny_cc_overrides(tiny_data_root, stage1_ckpt), *overrides])
     with open_dict(cfg):
         cfg.callbacks.recorder = {"_target_": "tests.systems.test_cc_train.Recorder"}
     metrics, objects = train(cfg)
