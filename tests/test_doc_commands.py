@@ -30,6 +30,7 @@ from omegaconf import open_dict
 
 from src.data import build_dataset
 from tests.conftest import tiny_mar_overrides, tiny_overrides
+from tests.systems._cc_helpers import tiny_cc_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -123,7 +124,8 @@ def artefacts(tiny_data_root: Path, tmp_path_factory: pytest.TempPathFactory) ->
         ["experiment=synthetic_source_pretrain", *tiny_overrides(tiny_data_root), *one_batch],
     )
     stage2 = run("stage2", [*tiny_mar_overrides(tiny_data_root, stage1), *one_batch])
-    return {"supervised": supervised, "stage1": stage1, "stage2": stage2, "root": out}
+    cc = run("cc", [*tiny_cc_overrides(tiny_data_root, stage1), *one_batch])
+    return {"supervised": supervised, "stage1": stage1, "stage2": stage2, "cc": cc, "root": out}
 
 
 # ---------------------------------------------------------------------- rules
@@ -143,6 +145,8 @@ def substitute(arg: str, art: dict[str, Path], experiment: str) -> str:
     key, sep, value = arg.partition("=")
     if not sep:
         return arg
+    if key == "ckpt_path" and experiment.endswith("_cc"):
+        return f"ckpt_path={art['cc']}"
     if key == "ckpt_path":
         mar = "mar" in experiment and "pretrain" not in experiment
         return f"ckpt_path={art['stage2' if mar else 'stage1' if 'pretrain' in experiment else 'supervised']}"
@@ -197,18 +201,45 @@ def hydra_command(cmd: DocCommand, entry: str, args: list[str], art, make_cfg, t
             extra.append("+data.target.preset=tiny")
         evaluate(make_cfg(run_args + extra, config_name="eval"))
         return
-    if composed.data.get("target") is not None:
-        extra = [
-            o
-            for o in tiny_mar_overrides(tiny_root, art["stage1"])
-            if not o.startswith("experiment=")
-        ]
+    if experiment.endswith("_cc"):
+        extra = tiny_cc_overrides(tiny_root, art["stage1"])
+    elif composed.data.get("target") is not None:
+        extra = tiny_mar_overrides(tiny_root, art["stage1"])
     else:
         extra = tiny_overrides(tiny_root)
+    # the command's own settings win over the tiny ones (e.g. data.val_ids)
+    own = {a.split("=", 1)[0] for a in run_args}
+    extra = [o for o in extra if not o.startswith("experiment=") and o.split("=", 1)[0] not in own]
     cfg = make_cfg(run_args + extra + ["trainer.fast_dev_run=true"])
     with open_dict(cfg):
         cfg.pop("hydra", None)
     train(cfg)
+
+
+def inference_command(module: str, args: list[str], art, make_cfg, tiny_root, tmp_path) -> None:
+    """src.extract / src.export / src.search on the supervised checkpoint and tiny folders."""
+    import importlib
+
+    root = tiny_root / "synthetic" / "A"
+    paths = {
+        "ckpt_path": art["supervised"],
+        "images": root / "query",
+        "gallery": root / "bounding_box_test",
+        "query": sorted((root / "query").glob("*.jpg"))[0],
+    }
+    fixed = []
+    for arg in args:
+        key, _, value = arg.partition("=")
+        if key in paths:
+            value = str(paths[key])
+        elif key == "out":
+            value = str(tmp_path / Path(value).name)
+        fixed.append(f"{key}={value}")
+    if module == "src.export" and not any(a.startswith("out=") for a in fixed):
+        fixed.append(f"out={tmp_path / 'model'}")
+    name = module.split(".")[1]
+    cfg = make_cfg(fixed, config_name=name)
+    getattr(importlib.import_module(module), name)(cfg)
 
 
 def module_command(cmd: DocCommand, module: str, args: list[str], art, tiny_root, tmp_path) -> None:
@@ -265,7 +296,7 @@ def module_command(cmd: DocCommand, module: str, args: list[str], art, tiny_root
 def test_documented_command(cmd, artefacts, make_cfg, tiny_data_root, tmp_path):
     if any(cmd.text.startswith(prefix) for prefix in UNRUN):
         pytest.skip(next(r for p, r in UNRUN.items() if cmd.text.startswith(p)))
-    text = cmd.text.replace("<stage-1 run>", "STAGE1_RUN").replace("<date_time>", "DATE_TIME")
+    text = re.sub(r"<([^<>]+)>", lambda m: re.sub(r"\W", "_", m.group(1)).upper(), cmd.text)
     text = re.sub(r"\[(--[\w-]+)\]", r"\1", text)  # optional flags written [--flag]
     tokens = shlex.split(text, comments=True)
     program = tokens[0]
@@ -290,5 +321,7 @@ def test_documented_command(cmd, artefacts, make_cfg, tiny_data_root, tmp_path):
     module, args = tokens[2], tokens[3:]
     if module in ("src.train", "src.eval"):
         hydra_command(cmd, module, args, artefacts, make_cfg, tiny_data_root)
+    elif module in ("src.extract", "src.export", "src.search"):
+        inference_command(module, args, artefacts, make_cfg, tiny_data_root, tmp_path)
     else:
         module_command(cmd, module, args, artefacts, tiny_data_root, tmp_path)

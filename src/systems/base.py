@@ -109,13 +109,14 @@ class ReIDSystem(L.LightningModule):
             self.val_map_best.max_value.copy_(best["mAP"])
             self.val_rank1_best.max_value.copy_(best["rank1"])
         states = checkpoint.get("rng_states")
-        if not states:
+        trainer = self._trainer  # None when loaded outside a fit (load_from_checkpoint, src.eval)
+        if not states or trainer is None or trainer.state.fn != "fit":
             return
-        rank = self.global_rank
-        if len(states) != self.trainer.world_size:
+        rank = trainer.global_rank
+        if len(states) != trainer.world_size:
             rank_zero_warn(
                 f"the checkpoint holds the RNG states of {len(states)} process(es), this run has "
-                f"{self.trainer.world_size}: the resumed run is not bit-identical to an "
+                f"{trainer.world_size}: the resumed run is not bit-identical to an "
                 "uninterrupted one"
             )
         self._rng_to_restore = states[rank] if rank < len(states) else None
