@@ -145,6 +145,8 @@ def substitute(arg: str, art: dict[str, Path], experiment: str) -> str:
     key, sep, value = arg.partition("=")
     if not sep:
         return arg
+    if key == "run_dir":
+        return f"run_dir={art['supervised'].parent.parent}"
     if key == "ckpt_path" and experiment.endswith("_cc"):
         return f"ckpt_path={art['cc']}"
     if key == "ckpt_path":
