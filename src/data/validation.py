@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from src.data.image_io import read_image
-from src.data.records import DISTRACTOR_PID, ImageReadError, ReIDRecord
+from src.data.records import ImageReadError, ReIDRecord
 
 
 class DataValidationError(ValueError):
@@ -56,17 +56,6 @@ def evaluation_problems(
             "another camera: nothing can be evaluated"
         )
     return problems
-
-
-def split_counts(records: Sequence[ReIDRecord], is_gallery: bool = False) -> dict[str, int]:
-    """Images, identities, cameras and (gallery) distractor images of a split."""
-    distractor = [is_gallery and r.pid == DISTRACTOR_PID for r in records]
-    return {
-        "images": len(records),
-        "ids": len({r.pid for r, d in zip(records, distractor) if not d}),
-        "cams": len({r.camid for r in records}),
-        "distractors": sum(distractor),
-    }
 
 
 def ids_with_fewer_images(records: Sequence[ReIDRecord], k: int) -> int:
