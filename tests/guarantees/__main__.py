@@ -60,7 +60,10 @@ BREAKS = [
         "src/data/seeding.py",
         "            torch.manual_seed(seed)\n",
         "            pass\n",
-        ("tests/systems/test_resume.py::test_supervised_resume_is_bit_identical",),
+        (
+            "tests/data/test_seeding.py",
+            "tests/systems/test_resume.py::test_supervised_resume_is_bit_identical",
+        ),
         "augmentation draws from the process's generator instead of the sample's seed",
     ),
     Break(
@@ -143,8 +146,8 @@ BREAKS = [
     Break(
         "P x K with disjoint ranks",
         "src/data/samplers.py",
-        "        mine = plan[:, self.rank * P : (self.rank + 1) * P, :]",
-        "        mine = plan[:, 0:P, :]",
+        "        P = self.ids_per_batch\n        mine = plan[:, self.rank * P : (self.rank + 1) * P, :]\n        return iter(mine.reshape(-1).tolist())",
+        "        P = self.ids_per_batch\n        mine = plan[:, 0:P, :]\n        return iter(mine.reshape(-1).tolist())",
         ("tests/data/test_samplers.py::test_pk_two_ranks_disjoint_identities_equal_length",),
         "every rank takes rank 0's identities",
     ),

@@ -90,9 +90,17 @@ def stage1(tiny_data_root: Path, tmp_path: Path) -> Path:
     return save_stage1(tmp_path / "stage1.ckpt", seed=0, num_classes=num_ids)
 
 
-@pytest.mark.parametrize("every_n_steps", [None, 2], ids=["epoch-end-ckpt", "mid-epoch-ckpt"])
-def test_supervised_resume_is_bit_identical(every_n_steps, make_cfg, tiny_data_root, tmp_path):
-    common = supervised(tiny_data_root) + [RNG_USER]
+@pytest.mark.parametrize(
+    "every_n_steps, workers",
+    [(None, 0), (2, 0), (None, 2)],
+    ids=["epoch-end-ckpt", "mid-epoch-ckpt", "epoch-end-ckpt-2-workers"],
+)
+def test_supervised_resume_is_bit_identical(
+    every_n_steps, workers, make_cfg, tiny_data_root, tmp_path
+):
+    """With 2 workers the resumed loader builds its iterator (and draws its first indices)
+    before Lightning sets the epoch: the checkpointed resume point must already name it."""
+    common = supervised(tiny_data_root, workers=workers) + [RNG_USER]
     if every_n_steps:
         common.append(f"callbacks.model_checkpoint.every_n_train_steps={every_n_steps}")
     _, full = run_in(make_cfg, common, tmp_path / "full")
