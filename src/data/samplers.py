@@ -57,6 +57,17 @@ class _EpochSeeded:
         self.seed, self.epoch, self.iteration = state["seed"], state["epoch"], state["iteration"]
 
 
+def _check_pk_arguments(num_instances: int, batch_size: int, num_replicas: int, rank: int) -> None:
+    """The arguments every P×K sampler shares: K >= 1, batch_size a multiple of K, a valid rank."""
+    if num_instances < 1 or batch_size < num_instances or batch_size % num_instances:
+        raise ValueError(
+            f"batch_size ({batch_size}) must be a positive multiple of num_instances "
+            f"({num_instances})"
+        )
+    if not 0 <= rank < num_replicas:
+        raise ValueError(f"rank {rank} out of range for num_replicas={num_replicas}")
+
+
 def num_pk_batches(chunks_per_id: torch.Tensor, ids_per_batch: int) -> int:
     """Most batches of `ids_per_batch` distinct ids that chunk counts allow.
 
@@ -107,13 +118,7 @@ class DistributedPKSampler(_EpochSeeded, Sampler[int]):
         seed: int = 0,
     ) -> None:
         _EpochSeeded.__init__(self, seed)
-        if num_instances < 1 or batch_size < num_instances or batch_size % num_instances:
-            raise ValueError(
-                f"batch_size ({batch_size}) must be a positive multiple of num_instances "
-                f"({num_instances})"
-            )
-        if not 0 <= rank < num_replicas:
-            raise ValueError(f"rank {rank} out of range for num_replicas={num_replicas}")
+        _check_pk_arguments(num_instances, batch_size, num_replicas, rank)
         self.num_instances = num_instances
         self.batch_size = batch_size
         self.num_replicas = num_replicas
@@ -296,15 +301,9 @@ class PseudoLabelPKSampler(_EpochSeeded, Sampler[int]):
         seed: int = 0,
     ) -> None:
         _EpochSeeded.__init__(self, seed)
-        if num_instances < 1 or batch_size < num_instances or batch_size % num_instances:
-            raise ValueError(
-                f"batch_size ({batch_size}) must be a positive multiple of num_instances "
-                f"({num_instances})"
-            )
+        _check_pk_arguments(num_instances, batch_size, num_replicas, rank)
         if num_batches < 1:
             raise ValueError(f"num_batches (iterations per epoch) must be >= 1, got {num_batches}")
-        if not 0 <= rank < num_replicas:
-            raise ValueError(f"rank {rank} out of range for num_replicas={num_replicas}")
         self.num_samples = int(num_samples)
         self.num_instances = num_instances
         self.batch_size = batch_size
