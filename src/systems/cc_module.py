@@ -27,6 +27,7 @@ from src.systems.cc_steps import (
     cluster_diagnostics,
     cluster_features,
 )
+from src.systems.pretrained import read_net_state
 
 #: Buffers kept identical on every rank by the module itself: DDP must not re-send them from
 #: rank 0 before each forward (broadcast_buffers), which would hide a divergence.
@@ -153,20 +154,7 @@ class ClusterContrastModule(ReIDSystem):
         or its backbone does not match this network.
         """
         path = str(path)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(
-                f"system.pretrained_ckpt={path} does not exist (expected a source-pretrained "
-                "checkpoint, e.g. <stage-1 run>/checkpoints/last.ckpt)"
-            )
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - re-raised with the path
-            raise ValueError(f"system.pretrained_ckpt={path} could not be read: {err}") from err
-        state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
-        if not isinstance(state, dict):
-            raise ValueError(f"system.pretrained_ckpt={path} holds no state dict")
-        if any(k.startswith("net.") for k in state):
-            state = {k[4:]: v for k, v in state.items() if k.startswith("net.")}
+        state = read_net_state(path, "a source-pretrained checkpoint")
         own = self.net.state_dict()
         missing = [k for k in own if k.startswith("backbone.") and k not in state]
         wrong = [

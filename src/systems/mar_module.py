@@ -22,6 +22,7 @@ from src.losses.mar import DiscriminativeLoss, JointLoss, MultilabelLoss
 from src.systems import mar_init
 from src.systems.base import ReIDSystem
 from src.systems.mar_steps import MARWeights, describe_nonfinite, mar_train_step, replica_drift
+from src.systems.pretrained import read_net_state
 
 INIT_MODES = ("exact", "sampled")
 
@@ -224,20 +225,7 @@ class MARModule(ReIDSystem):
                 "(train it with experiment=synthetic_source_pretrain; see docs/mar.md)"
             )
         path = str(path)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(
-                f"system.pretrained_ckpt={path} does not exist (expected the stage-1 checkpoint, "
-                "e.g. <stage-1 run>/checkpoints/last.ckpt)"
-            )
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - re-raised with the path
-            raise ValueError(f"system.pretrained_ckpt={path} could not be read: {err}") from err
-        state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
-        if not isinstance(state, dict):
-            raise ValueError(f"system.pretrained_ckpt={path} holds no state dict")
-        if any(k.startswith("net.") for k in state):
-            state = {k[4:]: v for k, v in state.items() if k.startswith("net.")}
+        state = read_net_state(path, "the stage-1 checkpoint")
         expected = self.net.classifier.weight.shape
         agents = state.get("classifier.weight")
         if agents is None:
