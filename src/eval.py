@@ -6,7 +6,8 @@ with its own protocol (feature, distance, AP variant, flip, re-ranking); explici
 `flip=`, `rerank=` change the protocol). A checkpoint without metadata needs the config it was
 trained with (`experiment=NAME`, ...). Extracts (optionally flip-averaged) features of query and
 gallery, evaluates with the Market-1501 protocol (and k-reciprocal re-ranking when asked), prints
-a table and writes `metrics.json` and `ranklist.png` into the run directory.
+a table and writes `metrics.json` and the rank lists `ranklist.png` / `.tsv` (and
+`ranklist_reranked.*` with `rerank=true`) into the run directory.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ import rich
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from src.metrics.ranklist import plot_ranklist
-from src.metrics.reid_metric import evaluate_split
+from src.metrics.ranklist import RankListRows, write_ranklist
+from src.metrics.reid_metric import RankList, evaluate_split
 from src.systems import checkpoint_meta
 from src.systems.steps import extract_embeddings
 from src.utils import RankedLogger, extras, print_results_table, task_wrapper
@@ -192,9 +193,10 @@ def extract_split_features(
 
 
 def evaluate_features_table(
-    data: dict[str, torch.Tensor], cfg: DictConfig
-) -> tuple[dict[str, dict[str, float]], torch.Tensor]:
-    """Metrics without (and optionally with) re-ranking, plus top-10 gallery positions.
+    data: dict[str, torch.Tensor], cfg: DictConfig, topk: int = 10
+) -> tuple[dict[str, dict[str, float]], dict[str, RankList]]:
+    """Metrics without (and optionally with) re-ranking, plus each setting's top-`topk` rank
+    lists (gallery rows, matches, distances and every query's AP).
 
     Chunked on the features' device (src.metrics.reid_metric.evaluate_split): no query x
     gallery matrix is built. ``cfg.aqe`` expands the features first, ``cfg.roc`` adds TPR@FPR.
@@ -210,15 +212,41 @@ def evaluate_features_table(
         "alpha": cfg.get("aqe_alpha", 3.0),
         "roc": cfg.get("roc", False),
     }
-    rows, positions = {}, None
+    rows, ranklists = {}, {}
     settings = {"plain": None}
     if cfg.rerank:
         settings["re-ranked"] = (cfg.rerank_k1, cfg.rerank_k2, cfg.rerank_lambda)
     for name, rerank in settings.items():
-        rows[name], topk = evaluate_split(data["feat"][q], data["feat"][g], labels, rerank=rerank,
-                                          topk=10 if name == "plain" else None, **options)  # fmt: skip
-        positions = topk if topk is not None else positions
-    return rows, positions
+        rows[name], ranklists[name] = evaluate_split(
+            data["feat"][q], data["feat"][g], labels, rerank=rerank, topk=topk, **options
+        )
+    return rows, ranklists
+
+
+def write_ranklists(
+    out_dir: Path, data: dict[str, torch.Tensor], records: list, ranklists: dict, cfg: DictConfig
+) -> list[Path]:
+    """`ranklist.png` (+ `.tsv`) of the plain ranking, `ranklist_reranked.png` of the re-ranked
+    one: the worst queries by AP and a seeded random sample (src.metrics.ranklist)."""
+    q, g = data["is_query"], ~data["is_query"]
+
+    def rows(mask: torch.Tensor) -> RankListRows:
+        picked = [records[i] for i in data["index"][mask].tolist()]
+        return RankListRows(
+            [r.img_path for r in picked], data["pid"][mask].tolist(), data["camid"][mask].tolist()
+        )
+
+    queries, gallery = rows(q), rows(g)
+    written = []
+    for name, ranks in ranklists.items():
+        stem = "ranklist" if name == "plain" else "ranklist_reranked"
+        png, _ = write_ranklist(
+            out_dir / f"{stem}.png", queries, gallery, ranks.gallery_index, ranks.matches,
+            ranks.distances, ranks.ap, num_worst=cfg.ranklist_worst,
+            num_random=cfg.ranklist_random, seed=cfg.get("seed") or 0,
+        )  # fmt: skip
+        written.append(png)
+    return written
 
 
 @task_wrapper
@@ -251,7 +279,7 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, float]]:
     )
     device = torch.device("cuda" if use_gpu else "cpu")
     data = extract_split_features(system, datamodule.test_dataloader(), device, cfg.flip)
-    rows, (positions, matches) = evaluate_features_table(data, cfg)
+    rows, ranklists = evaluate_features_table(data, cfg)
     summary = protocol_summary(cfg, ckpt, meta, data_cfg)
     log.info(f"Evaluated\n{summary}")
     print(summary)
@@ -264,18 +292,10 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, float]]:
     with open(out_dir / "metrics.json", "w") as f:
         protocol = {key: cfg[key] for key in PROTOCOL_KEYS}
         json.dump({"ckpt_path": str(ckpt), "protocol": protocol, **rows}, f, indent=2)
-    q, g = data["is_query"], ~data["is_query"]
     # Evaluation indices run over query then gallery (ImageDataset.query_gallery).
     records = [*datamodule.eval_data.query, *datamodule.eval_data.gallery]
-    plot_ranklist(
-        query_paths=[records[i].img_path for i in data["index"][q].tolist()],
-        gallery_paths=[records[i].img_path for i in data["index"][g].tolist()],
-        topk_indices=positions,
-        matches=matches,
-        out_path=out_dir / "ranklist.png",
-        num_queries=cfg.ranklist_queries,
-    )
-    log.info(f"Wrote {out_dir / 'metrics.json'} and {out_dir / 'ranklist.png'}")
+    pictures = write_ranklists(out_dir, data, records, ranklists, cfg)
+    log.info(f"Wrote {out_dir / 'metrics.json'} and " + ", ".join(str(p) for p in pictures))
     return rows
 
 

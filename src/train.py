@@ -50,21 +50,23 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         L.seed_everything(cfg.seed, workers=True)
     validate_config(cfg)
 
-    log.info(f"Instantiating datamodule <{cfg.data._target_}>")
+    log.debug(f"Instantiating datamodule <{cfg.data._target_}>")
     datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data, _convert_="all")
     # The classifier size (and MAR's memory size) depend on the data: set up before the model.
     datamodule.prepare_data()
     datamodule.setup("fit")
     check_test_ckpt(cfg, datamodule)
 
-    log.info(f"Instantiating system <{cfg.system._target_}>")
+    log.debug(f"Instantiating system <{cfg.system._target_}>")
     system: L.LightningModule = hydra.utils.instantiate(
         cfg.system, _convert_="all", **data_kwargs_for(cfg.system, datamodule)
     )
     system.run_config = checkpoint_meta.run_config(cfg)  # issue 13: self-describing checkpoints
-    callbacks = instantiate_callbacks(cfg.get("callbacks"))
+    callbacks = instantiate_callbacks(
+        cfg.get("callbacks"), cfg.trainer.get("enable_progress_bar", True)
+    )
     loggers = instantiate_loggers(cfg.get("logger"))
-    log.info(f"Instantiating trainer <{cfg.trainer._target_}>")
+    log.debug(f"Instantiating trainer <{cfg.trainer._target_}>")
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
 
     objects = {"cfg": cfg, "datamodule": datamodule, "system": system, "trainer": trainer}
@@ -81,7 +83,13 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     if cfg.get("test"):
         label, ckpt_path = test_checkpoint(trainer, cfg.get("test_ckpt", "last"))
         log.info(f"Testing {label}" + (f": {ckpt_path}" if ckpt_path else ""))
-        trainer.test(model=system, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
+        trainer.test(
+            model=system,
+            datamodule=datamodule,
+            ckpt_path=ckpt_path,
+            weights_only=False,
+            verbose=False,  # the results table below says it once, with the checkpoint's name
+        )
         test_metrics = _to_float_dict(trainer.callback_metrics)
         metrics.update({k: v for k, v in test_metrics.items() if k.startswith("test/")})
         rows = {f"test ({label})": {k[5:]: v for k, v in metrics.items() if k.startswith("test/")}}

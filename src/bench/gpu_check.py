@@ -111,7 +111,7 @@ def bot_overrides(precision: str, out_dir: Path, data_dir: Path, dry_run: bool) 
         "test=false",
         "optimized_metric=null",
         "logger=csv",
-        "callbacks.rich_progress_bar=null",
+        "trainer.enable_progress_bar=false",
         "callbacks.model_checkpoint=null",  # no validation to monitor, nothing to keep
         "extras.print_config=false",
         "model.backbone.pretrained=false",

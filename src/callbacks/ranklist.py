@@ -1,55 +1,68 @@
-"""`RankListLogger`: the rank lists of a few fixed queries after each evaluation, as a picture."""
+"""`RankListLogger`: rank lists of the worst and of random queries after each evaluation."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from lightning.pytorch import LightningModule, Trainer
 
 from src.callbacks._images import Enabled, EvalPictureCallback, image_dir, log_png
-from src.metrics.ranklist import plot_ranklist
+from src.metrics.ranklist import RankListRows, write_ranklist
 from src.systems.base import EVAL_STAGES, EvalOutputs, ReIDSystem
 
 
 class RankListLogger(EvalPictureCallback):
-    """After every validation (and the test), draw `num_queries` queries with their top-`topk`
-    gallery images framed green (same identity) or red, ranked exactly as the evaluation ranks
-    them (:meth:`ReIDMetric.topk_gallery`: same-camera matches skipped, re-ranked distances when
-    the test re-ranks).
+    """After every validation (and the test), the rank lists of the worst queries by AP and of
+    a random sample of queries, each with its top-`topk` gallery images framed green (same
+    identity) or red and titled with identity, camera and distance, ranked exactly as the
+    evaluation ranks them (:meth:`ReIDMetric.topk_gallery`: same-camera matches skipped,
+    re-ranked distances when the test re-ranks).
 
-    The queries are the same in every picture (evenly spaced over the query set, sorted by
-    index), so successive epochs show how their lists improve. Each picture is written to
+    The random sample is drawn with a fixed seed, so successive epochs show the same queries;
+    the worst ones are those of that evaluation. Each evaluation writes
     ``<dirpath>/val_epoch<NNN>.png`` / ``test.png`` (default ``dirpath``: ``<run dir>/ranklists``)
-    and logged as ``<stage>/ranklist`` to W&B (``log_image``) and TensorBoard. Drawing happens on
-    rank 0; the rank lists are computed on every rank (the evaluation is already gathered there).
+    and, beside it, a ``.tsv`` with one line per (query, rank): paths, ids, cameras, the query's
+    AP, distance, match. The picture is also logged as ``<stage>/ranklist`` to W&B
+    (``log_image``) and TensorBoard. Drawing happens on rank 0; the rank lists are computed on
+    every rank (the evaluation is already gathered there). Cost: a top-k pass over the
+    query-gallery distances and one matplotlib figure per evaluation.
 
     Args:
-        num_queries: queries (rows) per picture.
+        num_worst: queries of lowest AP per picture.
+        num_random: randomly drawn queries per picture (seeded by `seed`).
         topk: gallery images per query.
         stages: evaluations to draw: "val" and/or "test".
         dirpath: folder of the PNGs (None: ``<trainer.default_root_dir>/ranklists``).
-        enabled: "auto" (draw when a W&B or TensorBoard logger is attached), True, False.
+        enabled: True (default: every run writes them), False, or "auto" (only when a W&B or
+            TensorBoard logger is attached).
+        seed: the random sample's seed.
     """
 
     def __init__(
         self,
-        num_queries: int = 8,
+        num_worst: int = 5,
+        num_random: int = 5,
         topk: int = 10,
         stages: Sequence[str] = ("val", "test"),
         dirpath: str | None = None,
-        enabled: Enabled = "auto",
+        enabled: Enabled = True,
+        seed: int = 0,
     ) -> None:
         super().__init__(enabled)
-        if num_queries < 1 or topk < 1:
-            raise ValueError(f"num_queries and topk must be >= 1, got {num_queries}, {topk}")
+        if num_worst < 0 or num_random < 0 or num_worst + num_random < 1 or topk < 1:
+            raise ValueError(
+                "num_worst, num_random must be >= 0 with at least one query, and topk >= 1; "
+                f"got {num_worst}, {num_random}, {topk}"
+            )
         unknown = set(stages) - set(EVAL_STAGES)
         if unknown:
             raise ValueError(f"stages must be among {EVAL_STAGES}, got {sorted(unknown)}")
-        self.num_queries = num_queries
+        self.num_worst = num_worst
+        self.num_random = num_random
         self.topk = topk
         self.stages = tuple(stages)
         self.dirpath = dirpath
+        self.seed = seed
         # the EvalOutputs drawn last per stage (held, so that a stale one is never redrawn)
         self._last_drawn: dict[str, EvalOutputs] = {}
 
@@ -77,24 +90,33 @@ class RankListLogger(EvalPictureCallback):
         # evaluation indices: query i -> i, gallery j -> num_query + j (ImageDataset.query_gallery)
         records = [*query, *gallery]
         ranks = outputs.ranklist
-        num_q = len(ranks.query_index)
-        rows = torch.linspace(0, num_q - 1, min(self.num_queries, num_q)).round().long()
+        queries = [records[i] for i in ranks.query_index.tolist()]
         # a test evaluates a checkpoint: the epoch counter then is not the checkpoint's epoch
         name = "test.png" if stage == "test" else f"{stage}_epoch{outputs.epoch:03d}.png"
-        out = image_dir(trainer, self.dirpath, "ranklists") / name
-        plot_ranklist(
-            query_paths=[records[i].img_path for i in ranks.query_index.tolist()],
-            gallery_paths=[record.img_path for record in records],
-            topk_indices=ranks.gallery_index,
+        out, _ = write_ranklist(
+            image_dir(trainer, self.dirpath, "ranklists") / name,
+            queries=_rows(queries),
+            gallery=_rows(records),
+            positions=ranks.gallery_index,
             matches=ranks.matches,
-            out_path=out,
+            distances=ranks.distances,
+            query_ap=ranks.ap,
+            num_worst=self.num_worst,
+            num_random=self.num_random,
+            seed=self.seed,
             topk=self.topk,
-            rows=rows.unique().tolist(),
         )
         results = outputs.results
         when = "test" if stage == "test" else f"{stage} epoch {outputs.epoch}"
         caption = (
             f"{when}: rank-1 {100 * results['rank1']:.1f}%, mAP {100 * results['mAP']:.1f}% "
-            "(green: same identity)"
+            f"({self.num_worst} worst queries by AP, then {self.num_random} random ones; green: "
+            "same identity)"
         )
         log_png(trainer, f"{stage}/ranklist", out, caption)
+
+
+def _rows(records: Sequence) -> RankListRows:
+    return RankListRows(
+        [r.img_path for r in records], [r.pid for r in records], [r.camid for r in records]
+    )

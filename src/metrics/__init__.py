@@ -20,6 +20,9 @@ _EXPORTS = {
     "re_ranking_features": "src.metrics.rerank",
     "topk_gallery": "src.metrics.rank",
     "plot_ranklist": "src.metrics.ranklist",
+    "RankListRows": "src.metrics.ranklist",
+    "select_queries": "src.metrics.ranklist",
+    "write_ranklist": "src.metrics.ranklist",
     "aqe": "src.metrics.query_expansion",
     "tpr_at_fpr": "src.metrics.roc",
     "RankList": "src.metrics.reid_metric",
@@ -27,6 +30,7 @@ _EXPORTS = {
 }
 __all__ = [
     "RankList",
+    "RankListRows",
     "ReIDMetric",
     "SkippedQueriesWarning",
     "aqe",
@@ -38,8 +42,10 @@ __all__ = [
     "plot_ranklist",
     "re_ranking",
     "re_ranking_features",
+    "select_queries",
     "topk_gallery",
     "tpr_at_fpr",
+    "write_ranklist",
 ]
 
 if TYPE_CHECKING:
@@ -51,7 +57,7 @@ if TYPE_CHECKING:
         evaluate_rank,
         topk_gallery,
     )
-    from src.metrics.ranklist import plot_ranklist
+    from src.metrics.ranklist import RankListRows, plot_ranklist, select_queries, write_ranklist
     from src.metrics.reid_metric import RankList, ReIDMetric
     from src.metrics.rerank import (
         evaluate_reranked,

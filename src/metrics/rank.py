@@ -302,9 +302,11 @@ class _Accumulator:
         self.count: list[np.ndarray] = []
         self.inp: list[np.ndarray] = []
         self.ap_values: list[np.ndarray] = []
+        self.valid: list[np.ndarray] = []
 
     def add(self, ranks: np.ndarray, count: np.ndarray) -> None:
         valid = count > 0
+        self.valid.append(valid)
         ranks, count = ranks[valid], count[valid]
         if count.size == 0:
             return
@@ -323,6 +325,15 @@ class _Accumulator:
         self.inp.append(count / (last + 1.0))
         self.first.append(ranks[:, 0])
         self.count.append(count)
+
+    def query_ap(self) -> np.ndarray:
+        """(num_queries,) float64: each query's AP, in query order; NaN for a query without a
+        true match in the gallery (skipped by the metrics)."""
+        valid = np.concatenate(self.valid) if self.valid else np.zeros(0, bool)
+        out = np.full(valid.shape, np.nan)
+        if self.ap_values:
+            out[valid] = np.concatenate(self.ap_values)
+        return out
 
     def result(
         self, max_rank: int, num_queries: int, caller: str
@@ -393,11 +404,13 @@ def _evaluate_blocks(
     ap: str,
     caller: str,
     observers: Sequence[Callable[[int, int, Tensor], None]] = (),
+    acc: _Accumulator | None = None,
 ) -> tuple[np.ndarray, float, float]:
-    """Rank each block; ``observers(start, stop, dist)`` see the same blocks (e.g. ROC)."""
+    """Rank each block; ``observers(start, stop, dist)`` see the same blocks (e.g. ROC).
+    ``acc``: the accumulator to fill (keep it to read :meth:`_Accumulator.query_ap`)."""
     q_pids, g_pids, q_camids, g_camids = labels
     index = _GalleryIndex(g_pids, g_camids)
-    acc = _Accumulator(ap)
+    acc = _Accumulator(ap) if acc is None else acc
     for start, stop, dist in blocks:
         acc.add(*_chunk_ranks(dist, q_pids[start:stop], q_camids[start:stop], index))
         for observe in observers:

@@ -21,7 +21,14 @@ from src.metrics._inputs import (
     _chunk_rows,
 )
 from src.metrics.query_expansion import aqe as _aqe
-from src.metrics.rank import Blocks, _evaluate_blocks, _feature_blocks, _labels, _topk_blocks
+from src.metrics.rank import (
+    Blocks,
+    _Accumulator,
+    _evaluate_blocks,
+    _feature_blocks,
+    _labels,
+    _topk_blocks,
+)
 from src.metrics.rerank import _Reranking, _reranking
 from src.metrics.roc import DEFAULT_FPRS, ROCAccumulator
 
@@ -35,12 +42,14 @@ class RankList(NamedTuple):
     gallery_index (Q, k): dataset ``index`` of the gallery items in rank order (-1 = none).
     matches (Q, k) bool: the gallery item has the query's identity.
     distances (Q, k): their distances to the query (re-ranked ones when ``rerank=True``).
+    ap (Q,) float64: each query's AP (NaN: no true match in the gallery, not scored).
     """
 
     query_index: Tensor
     gallery_index: Tensor
     matches: Tensor
     distances: Tensor
+    ap: Tensor | None = None
 
 
 @dataclass
@@ -56,6 +65,7 @@ class _Split:
     q_index: Tensor
     g_index: Tensor
     reranking: _Reranking | None = None  # the k-reciprocal state, when rerank=True
+    query_ap: Tensor | None = None  # (Q,) float64 AP of each query (NaN: no true match)
 
     @property
     def labels(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -237,9 +247,11 @@ class ReIDMetric(Metric):
         else:
             blocks = _feature_blocks(split.qf, split.gf, self.metric, rows)
         roc = ROCAccumulator(split.labels, DEFAULT_FPRS) if self.roc else None
+        acc = _Accumulator(self.ap)
         cmc, mAP, mINP = _evaluate_blocks(
-            blocks, split.labels, max_rank, self.ap, "ReIDMetric", [roc] if roc else ()
+            blocks, split.labels, max_rank, self.ap, "ReIDMetric", [roc] if roc else (), acc
         )
+        split.query_ap = torch.from_numpy(acc.query_ap())
         self._evaluated = split
         self.last_cmc = cmc[: self.max_rank]
 
@@ -273,7 +285,7 @@ class ReIDMetric(Metric):
         positions, matches, dists = _topk_blocks(blocks, s.labels, k)
         g_index = s.g_index.to(positions.device)
         gallery_index = torch.where(positions >= 0, g_index[positions.clamp(min=0)], -1)
-        return RankList(s.q_index, gallery_index, matches, dists)
+        return RankList(s.q_index, gallery_index, matches, dists, s.query_ap)
 
     def reset(self) -> None:
         super().reset()
@@ -295,12 +307,14 @@ def evaluate_split(
     roc: bool = False,
     chunk_size: int | None = None,
     topk: int | None = None,
-) -> tuple[dict[str, float], tuple[Tensor, Tensor] | None]:
+) -> tuple[dict[str, float], RankList | None]:
     """One evaluation setting of a query/gallery split, chunked on the features' device.
 
     ``aqe``: alpha-query expansion first; ``rerank=(k1, k2, lambda)``: k-reciprocal re-ranking;
     ``roc``: TPR@FPR keys. Returns ``({"rank1", "rank5", "rank10", "mAP", "mINP"[, "TPR@…"]},
-    (positions (Q, topk), matches (Q, topk)) on the CPU, or None without ``topk``)``.
+    rank lists)``: a :class:`RankList` on the CPU whose ``query_index`` is the query row
+    (0..Q-1) and ``gallery_index`` the gallery row in rank order, with matches, distances and
+    each query's AP; None without ``topk``.
     labels: (q_pids, g_pids, q_camids, g_camids).
     """
     if aqe:
@@ -318,15 +332,17 @@ def evaluate_split(
             return _feature_blocks(qf, gf, metric, rows)
 
     labels = _labels(*labels, num_q, num_g, qf.device)
-    acc = ROCAccumulator(labels, DEFAULT_FPRS) if roc else None
+    roc_acc = ROCAccumulator(labels, DEFAULT_FPRS) if roc else None
+    acc = _Accumulator(ap)
     cmc, mAP, mINP = _evaluate_blocks(
-        blocks(), labels, min(50, num_g), ap, "evaluate_split", [acc] if acc else ()
+        blocks(), labels, min(50, num_g), ap, "evaluate_split", [roc_acc] if roc_acc else (), acc
     )
     out = {f"rank{k}": float(cmc[min(k, len(cmc)) - 1]) for k in (1, 5, 10)}
     out.update({"mAP": float(mAP), "mINP": float(mINP)})
-    if acc is not None:
-        out.update(acc.result())
+    if roc_acc is not None:
+        out.update(roc_acc.result())
     if topk is None:
         return out, None
-    positions, matches, _ = _topk_blocks(blocks(), labels, min(topk, num_g))
-    return out, (positions.cpu(), matches.cpu())
+    positions, matches, dists = _topk_blocks(blocks(), labels, min(topk, num_g))
+    query_ap = torch.from_numpy(acc.query_ap())
+    return out, RankList(torch.arange(num_q), positions.cpu(), matches.cpu(), dists.cpu(), query_ap)

@@ -164,18 +164,27 @@ class ReIDSystem(L.LightningModule):
         self._eval_step(self.test_metric, batch)
 
     def _compute(self, metric: ReIDMetric, stage: str) -> dict[str, float] | None:
-        """Metric values, or None (with a warning) when a truncated evaluation (sanity check,
-        `limit_val_batches`, `fast_dev_run`) saw no query with a true match in the gallery."""
+        """Metric values; None during Lightning's sanity check, and None with a warning when a
+        truncated evaluation (`limit_val_batches`, `fast_dev_run`) saw no query with a true
+        match in the gallery."""
         try:
+            if self.trainer.sanity_checking:
+                # Lightning's sanity check (num_sanity_val_steps > 0) sees a few batches: its
+                # numbers would mean nothing, and the full split was checked at setup already.
+                return None
             try:
                 results = metric.compute()
             except ValueError as err:
-                if self.trainer.sanity_checking or self._eval_is_truncated(stage):
+                if self._eval_is_truncated(stage):
                     # the full split was checked at setup; only a cut-down loader gets here
+                    cut = (
+                        "fast_dev_run"
+                        if self.trainer.fast_dev_run
+                        else f"limit_{stage}_batches={self._eval_limit(stage)}"
+                    )
                     rank_zero_warn(
-                        f"{stage} evaluation skipped: the batches evaluated "
-                        f"(limit_{stage}_batches={self._eval_limit(stage)}, fast_dev_run, sanity "
-                        f"check) hold no query with a true match ({err}); {stage}/* not logged"
+                        f"{stage} evaluation skipped: the {stage} batches evaluated ({cut}) hold "
+                        f"no query with a true match ({err}); {stage}/* not logged"
                     )
                     return None
                 raise

@@ -69,7 +69,7 @@ class Demo:
         return [*(quick_overrides(self.out, kind) if self.quick else []), *self.extra]
 
     def train(self, name: str, run_dir: Path, kind: str, overrides: Sequence[str]) -> Path:
-        cmd = [sys.executable, "-m", "src.train", "callbacks.rich_progress_bar=null"]
+        cmd = [sys.executable, "-m", "src.train"]
         cmd += [*overrides, f"hydra.run.dir={run_dir}", *self.overrides(kind)]
         self.seconds[name] = run_stage(cmd, run_dir.with_suffix(".log"))
         return run_dir / "checkpoints" / "last.ckpt"

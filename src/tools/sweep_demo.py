@@ -78,7 +78,6 @@ def build_plan(args: argparse.Namespace) -> DemoPlan:
             "data.num_instances=4",
             "data.test_batch_size=64",
             "data.num_workers=0",
-            "callbacks.rich_progress_bar=null",
         ]
     common.append(f"paths.log_dir={out / 'logs'}")  # the MAR initialisation cache
 

@@ -2,7 +2,7 @@
 
 from src.utils.instantiators import instantiate_callbacks, instantiate_loggers
 from src.utils.pylogger import RankedLogger
-from src.utils.rich_utils import print_config_tree, print_results_table
+from src.utils.rich_utils import print_config_summary, print_config_tree, print_results_table
 from src.utils.utils import (
     close_loggers,
     extras,
@@ -12,6 +12,7 @@ from src.utils.utils import (
 )
 
 __all__ = [
+    "print_config_summary",
     "RankedLogger",
     "close_loggers",
     "extras",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import sys
 import warnings
 from collections.abc import Callable, Mapping
@@ -55,16 +56,45 @@ def task_wrapper(task_func: Callable[[DictConfig], Any]) -> Callable[[DictConfig
 
 
 def extras(cfg: DictConfig) -> None:
-    """Optional niceties before a task starts: silence known-noisy warnings, print the config."""
+    """Optional niceties before a task starts: silence known-noisy warnings, print a summary of
+    the config (``extras.print_config=full``: the whole tree) and save the whole tree to
+    `<run dir>/config_tree.txt`."""
+    quiet_console()
     extra = cfg.get("extras")
     if not extra:
         return
     if extra.get("ignore_warnings"):
         warnings.filterwarnings("ignore")
     if extra.get("print_config"):
-        from src.utils.rich_utils import print_config_tree
+        from src.utils.rich_utils import print_config_summary, print_config_tree
 
-        print_config_tree(cfg, save_to_file=True)
+        if extra.get("print_config") == "full":
+            print_config_tree(cfg, save_to_file=True)
+        else:
+            print_config_summary(cfg, save_to_file=True)
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, prefixes: tuple[str, ...]) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
+
+
+#: Console lines that tell a re-ID user nothing: Lightning's advertisement for its cloud logger
+#: and a deprecation inside Lightning's own pytree helper (torch 2.14), printed at every fit.
+_LIGHTNING_NOISE = ("\U0001f4a1 Tip:",)
+_WARNING_NOISE = r".*isinstance\(treespec, LeafSpec\).*"
+
+
+def quiet_console() -> None:
+    """Drop the console noise above (idempotent); every other message and warning stays."""
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _DropMessages) for f in logger.filters):
+        logger.addFilter(_DropMessages(_LIGHTNING_NOISE))
+    warnings.filterwarnings("ignore", message=_WARNING_NOISE)
 
 
 def get_metric_value(metric_dict: Mapping[str, Any], metric_name: str | None) -> float | None:

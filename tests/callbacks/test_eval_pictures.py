@@ -10,12 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-import src.callbacks.ranklist as ranklist_module
+import src.metrics.ranklist as ranklist_module
 from src.callbacks import EmbeddingProjection, RankListLogger
 from src.callbacks.embedding_projection import pca_2d, pick_identities
 from src.metrics.functional import compute_distance_matrix, topk_gallery
+from src.metrics.ranklist import select_queries
 from src.train import train
 from tests.conftest import tiny_overrides
+from tests.metrics._naive import naive_query_ap
 from tests.scale._helpers import reference_features
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -33,7 +35,7 @@ def test_pictures_of_a_tiny_run(make_cfg, tiny_data_root, monkeypatch):
     cfg = make_cfg(
         [
             *tiny_overrides(tiny_data_root),
-            "callbacks.ranklist.enabled=true",
+            "callbacks.ranklist.enabled=true",  # the default; tiny_overrides turns it off
             "callbacks.embedding_projection.enabled=true",
             "trainer.max_epochs=1",
             "trainer.check_val_every_n_epoch=1",
@@ -64,16 +66,27 @@ def test_pictures_of_a_tiny_run(make_cfg, tiny_data_root, monkeypatch):
     assert torch.equal(outputs.ranklist.gallery_index, expected_index)
     assert torch.equal(outputs.ranklist.matches, matches)
 
-    # what was drawn: 8 evenly spaced queries and their top-10 gallery images
+    # what was drawn: the 5 queries of lowest AP, then 5 of the others (seeded), each with its
+    # top-10 gallery images and titles naming identity, camera and distance
+    expected_ap = naive_query_ap(np.asarray(distmat), data["pid"][q], data["pid"][~q],
+                                 data["camid"][q], data["camid"][~q])  # fmt: skip
+    np.testing.assert_allclose(outputs.ranklist.ap.numpy(), expected_ap, rtol=0, atol=1e-9)
     call = drawn[-1]
     records = [*datamodule.eval_data.query, *datamodule.eval_data.gallery]
     rows = call["rows"]
-    assert rows == torch.linspace(0, num_q - 1, 8).round().long().tolist()
-    for row in rows:
+    assert rows == [row for row, _ in select_queries(expected_ap, 5, 5, seed=0)]
+    scored = np.flatnonzero(~np.isnan(expected_ap))
+    assert sorted(expected_ap[rows[:5]]) == sorted(np.sort(expected_ap[scored])[:5])
+    for r, row in enumerate(rows):
         assert call["query_paths"][row] == records[row].img_path
+        assert f"id {records[row].pid} c{records[row].camid}" in call["query_titles"][r]
         shown = [call["gallery_paths"][i] for i in call["topk_indices"][row].tolist() if i >= 0]
         assert shown == [records[num_q + p].img_path for p in positions[row].tolist() if p >= 0]
-        assert torch.equal(call["matches"][row], matches[row])
+        assert torch.equal(torch.as_tensor(call["matches"][row]), matches[row])
+        first = records[num_q + int(positions[row, 0])]
+        assert call["tile_titles"][r][0].startswith(f"1: id {first.pid} c{first.camid}")
+    tsv = (out / "ranklists" / "test.tsv").read_text().splitlines()
+    assert len(tsv) == 1 + sum((positions[row] >= 0).sum().item() for row in rows)
 
 
 def test_pca_2d_recovers_a_plane():

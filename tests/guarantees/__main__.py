@@ -159,6 +159,41 @@ BREAKS = [
         ("tests/test_doc_commands.py -k debug",),
         "a README command names a config that does not exist",
     ),
+    Break(
+        "progress reads the loss only at the logging cadence",
+        "src/callbacks/progress.py",
+        "        if (idx + 1) % self.cadence(trainer) == 0 or idx + 1 == trainer.num_training_batches:\n",
+        "        if True:\n",
+        ("tests/test_console.py::test_lines_mode_logs_the_run_at_the_logging_cadence",),
+        "the progress bar reads the loss back (a host sync) at every step",
+    ),
+    Break(
+        "no sanity-check warning",
+        "src/systems/base.py",
+        "            if self.trainer.sanity_checking:\n",
+        "            if False:\n",
+        ("tests/test_console.py::test_no_warning_from_the_sanity_check",),
+        "Lightning's sanity check is evaluated (and warns about its truncated split) again",
+    ),
+    Break(
+        "rank lists show the worst queries by AP",
+        "src/metrics/ranklist.py",
+        '    worst = scored[np.argsort(ap[scored], kind="stable")][:num_worst]\n',
+        '    worst = scored[np.argsort(-ap[scored], kind="stable")][:num_worst]\n',
+        (
+            "tests/metrics/test_ranklist.py::test_select_queries_worst_first_then_a_seeded_sample "
+            "tests/callbacks/test_eval_pictures.py::test_pictures_of_a_tiny_run",
+        ),
+        "the best queries are shown as the worst",
+    ),
+    Break(
+        "rank lists rank by each query's own AP",
+        "src/metrics/rank.py",
+        "            out[valid] = np.concatenate(self.ap_values)\n",
+        "            out[valid] = np.concatenate(self.ap_values)[::-1]\n",
+        ("tests/metrics/test_ranklist.py::test_reid_metric_keeps_each_query_ap",),
+        "per-query APs are attached to the wrong queries",
+    ),
 ]
 
 

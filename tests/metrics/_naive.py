@@ -9,6 +9,8 @@ strict 2/3 test), with Python sets and loops and the Jaccard distance as sum-min
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 
@@ -44,6 +46,19 @@ def naive_evaluate(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=50, ap=
     if not cmcs:
         raise ValueError("no valid query")
     return np.mean(cmcs, axis=0), float(np.mean(aps)), float(np.mean(inps)), len(cmcs)
+
+
+def naive_query_ap(distmat, q_pids, g_pids, q_camids, g_camids, ap="standard"):
+    """(num_q,) AP of each query by :func:`naive_evaluate` on that query alone; NaN when it has
+    no true match in the gallery."""
+    out = np.full(len(q_pids), np.nan)
+    for i in range(len(q_pids)):
+        with contextlib.suppress(ValueError):  # no valid query: stays NaN
+            _, out[i], _, _ = naive_evaluate(
+                np.asarray(distmat)[i : i + 1], np.asarray(q_pids)[i : i + 1], g_pids,
+                np.asarray(q_camids)[i : i + 1], g_camids, ap=ap,
+            )  # fmt: skip
+    return out
 
 
 def naive_re_ranking(q_g_dist, q_q_dist, g_g_dist, k1, k2, lambda_value):

@@ -142,7 +142,14 @@ def test_mar_resume_is_bit_identical(make_cfg, tiny_data_root, stage1, tmp_path)
 
 
 def _cli(overrides: list[str], out: Path, check: bool = True) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "src.train", *overrides, f"paths.output_dir={out}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "src.train",
+        *overrides,
+        f"paths.output_dir={out}",
+        f"hydra.run.dir={out}",
+    ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
@@ -166,10 +173,9 @@ def _kill_and_resume(overrides: list[str], kill_at: int, tmp_path: Path) -> None
 @pytest.mark.slow
 def test_supervised_kill9_resume_with_two_workers(tiny_data_root, tmp_path):
     """A real `kill -9` of the CLI run, 2 loader workers (each process seeds its own workers)."""
-    overrides = [o for o in supervised(tiny_data_root, workers=2) if "rich_progress" not in o]
-    overrides += [
+    overrides = [
+        *supervised(tiny_data_root, workers=2),
         "callbacks.model_checkpoint.every_n_train_steps=2",
-        "callbacks.rich_progress_bar=null",
     ]
     _kill_and_resume(overrides, kill_at=5, tmp_path=tmp_path)
 
