@@ -17,7 +17,15 @@ from pathlib import Path
 
 import torch
 
-BENCHMARKS = ("losses", "mar_losses", "evaluation", "extract", "ddp_bytes", "image_pipeline")
+BENCHMARKS = (
+    "losses",
+    "mar_losses",
+    "evaluation",
+    "clustering",
+    "extract",
+    "ddp_bytes",
+    "image_pipeline",
+)
 
 
 def machine_description() -> str:

@@ -35,6 +35,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -44,6 +45,8 @@ from src.metrics.rank import evaluate_features, evaluate_rank
 from src.metrics.rerank import evaluate_reranked, re_ranking
 
 __all__ = ["naive_evaluate", "run"]
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -316,8 +319,9 @@ def _run_msmt(quick: bool) -> dict:
 
 
 # ------------------------------------------------------------------ re-ranking, subprocesses
-def _measure(fn: Callable[[], tuple]) -> dict:
-    """Run fn with peak-RSS accounting as _msmt_worker does; returns timings and memory."""
+def _measure_peak(fn: Callable[[], _T]) -> tuple[_T, dict]:
+    """Run fn once with peak-RSS accounting as _msmt_worker does: (fn's result, {"seconds",
+    "peak_extra_mib" (kernel peak RSS during fn minus the RSS before), "method"})."""
     rss_before = _memory_kib("VmRSS")
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -326,21 +330,25 @@ def _measure(fn: Callable[[], tuple]) -> dict:
     except OSError:
         method = "ru_maxrss"
     start = time.perf_counter()
-    cmc, mAP, mINP = fn()
+    result = fn()
     seconds = time.perf_counter() - start
     peak = (
         _memory_kib("VmHWM")
         if method == "VmHWM"
         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     )
-    return {
+    return result, {
         "seconds": seconds,
         "peak_extra_mib": (peak - rss_before) / 1024,
         "method": method,
-        "cmc": [float(c) for c in cmc[:10]],
-        "mAP": mAP,
-        "mINP": mINP,
     }
+
+
+def _measure(fn: Callable[[], tuple]) -> dict:
+    """`_measure_peak` of an evaluation returning (cmc, mAP, mINP); timings, memory, metrics."""
+    (cmc, mAP, mINP), out = _measure_peak(fn)
+    out.update(cmc=[float(c) for c in cmc[:10]], mAP=mAP, mINP=mINP)
+    return out
 
 
 def _rerank_worker(kind: str, quick: bool) -> None:

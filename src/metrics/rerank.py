@@ -446,9 +446,9 @@ def k_reciprocal_jaccard(
         chunk_size: rows per distance block for the neighbour search (None: from the device's
             free memory on CUDA, ~2**23 distances on the CPU). Results do not depend on it.
         knn: neighbour search: ``"torch"`` exact chunked top-k on the features' device;
-            ``"faiss"`` faiss-cpu ``IndexFlatL2`` (optional dependency, CPU, ties in faiss's
-            order); ``"auto"``: faiss when it is importable, the features are on the CPU and
-            N >= FAISS_MIN_ITEMS, else torch.
+            ``"faiss"`` faiss-cpu ``IndexFlatL2`` (a dependency, imported lazily; CPU, ties in
+            faiss's order); ``"auto"``: faiss when it is importable, the features are on the
+            CPU and N >= FAISS_MIN_ITEMS, else torch.
 
     Returns:
         scipy.sparse.csr_matrix (N, N), float32, sorted indices, explicit zero diagonal.

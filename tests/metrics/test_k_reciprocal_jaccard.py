@@ -103,6 +103,28 @@ def test_faiss_knn_matches_torch_knn():
     np.testing.assert_allclose(_dense(a), _dense(b), atol=1e-5)
 
 
+def test_auto_knn_uses_faiss_from_the_threshold_on(monkeypatch):
+    pytest.importorskip("faiss")
+    calls = []
+    faiss_neighbours = RR._faiss_neighbours
+
+    def spy(x, k):
+        calls.append(len(x))
+        return faiss_neighbours(x, k)
+
+    monkeypatch.setattr(RR, "_faiss_neighbours", spy)
+    monkeypatch.setattr(RR, "FAISS_MIN_ITEMS", 50)
+    x = _blobs(9, 50, dim=8)
+    auto = k_reciprocal_jaccard(x, 7, 3)  # N == FAISS_MIN_ITEMS: faiss
+    assert calls == [50]
+    exact = k_reciprocal_jaccard(x, 7, 3, knn="torch")
+    np.testing.assert_allclose(_dense(auto), _dense(exact), atol=1e-5)
+    k_reciprocal_jaccard(x[:49], 7, 3)  # below the threshold: torch
+    monkeypatch.setattr(RR, "_faiss_available", lambda: False)
+    k_reciprocal_jaccard(x, 7, 3)  # faiss missing: torch, no error
+    assert calls == [50]
+
+
 def test_faiss_requested_but_missing(monkeypatch):
     monkeypatch.setattr(RR, "_faiss_available", lambda: False)
     with pytest.raises(ImportError, match="faiss-cpu"):
