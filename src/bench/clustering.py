@@ -11,8 +11,9 @@ sizes of Market-1501 train (12,936 images, 751 identities, 6 cameras) and MSMT17
 images, 1,041 identities, 15 cameras), 2048-d unit-norm planted-identity features:
 
 * **marlin**: :func:`src.metrics.rerank.k_reciprocal_jaccard` with the options
-  :func:`src.systems.cc_steps.cluster_features` uses (``metric="cosine"``, ``knn="auto"``), a
-  sparse matrix holding only the pairs below 1, then :func:`src.systems.cc_steps.dbscan_labels`;
+  :func:`src.systems.cc_steps.cluster_features` uses (``metric="cosine"``, ``knn="auto"``,
+  ``max_distance=eps``), a sparse matrix holding only the pairs within eps (all DBSCAN reads),
+  then :func:`src.systems.cc_steps.dbscan_labels`;
 * **dense reference**: :func:`reference_jaccard`, the algorithm of cluster-contrast-reid's
   ``compute_jaccard_distance`` (clustercontrast/utils/faiss_rerank.py, CPU path) step by step,
   written here: faiss ``IndexFlatL2`` search of k1 items, k-reciprocal lists, a dense N x N
@@ -214,7 +215,9 @@ def _worker(version: str, case_index: int, quick: bool) -> None:
     def one_pass() -> tuple[np.ndarray, dict]:
         t0 = time.perf_counter()
         if version == "marlin":
-            dist = RR.k_reciprocal_jaccard(feats, K1, K2, metric="cosine", knn="auto")
+            dist = RR.k_reciprocal_jaccard(
+                feats, K1, K2, metric="cosine", knn="auto", max_distance=EPS
+            )
             extra = {"stored_pairs_per_row": dist.nnz / dist.shape[0]}
         else:
             dist = reference_jaccard(feats, K1, K2, stages)
@@ -322,7 +325,8 @@ def run(quick: bool = False) -> str:
         f"One pseudo-labelling pass: k-reciprocal Jaccard distance (k1={K1}, k2={K2}) + DBSCAN "
         f"(eps {EPS}, min_samples {MIN_SAMPLES}) on {sizes.dim}-d unit-norm float32 planted-"
         f"identity features (`_planted`, noise {sizes.noise}; {features}). marlin = sparse "
-        '`k_reciprocal_jaccard(metric="cosine", knn="auto")` (at these sizes `auto` is torch\'s '
+        '`k_reciprocal_jaccard(metric="cosine", knn="auto", max_distance=eps)` (only the pairs '
+        "within eps are kept, block by block; at these sizes `auto` is torch's "
         "exact chunked top-k; faiss from 50,000 items) + `dbscan_labels`; dense reference = "
         "cluster-contrast-reid's `compute_jaccard_distance` algorithm (faiss `IndexFlatL2`, dense "
         "N × N float32 V, query expansion and Jaccard matrices, as the reference's default "

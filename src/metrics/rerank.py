@@ -403,6 +403,7 @@ def k_reciprocal_jaccard(
     metric: Metric = "euclidean",
     chunk_size: int | None = None,
     knn: KNN = "auto",
+    max_distance: float | None = None,
 ) -> sparse.csr_matrix:
     """Sparse k-reciprocal Jaccard distance of a feature set (N, D) -> csr_matrix (N, N) float32.
 
@@ -449,6 +450,10 @@ def k_reciprocal_jaccard(
             ``"faiss"`` faiss-cpu ``IndexFlatL2`` (a dependency, imported lazily; CPU, ties in
             faiss's order); ``"auto"``: faiss when it is importable, the features are on the
             CPU and N >= FAISS_MIN_ITEMS, else torch.
+        max_distance: store only the pairs at distance <= this (None: every pair < 1). What a
+            DBSCAN with ``eps = max_distance`` reads is then unchanged, and the output shrinks
+            from every pair sharing a k-reciprocal neighbour (thousands per row) to the pairs
+            within eps; computed row block by row block, so the others are never all held.
 
     Returns:
         scipy.sparse.csr_matrix (N, N), float32, sorted indices, explicit zero diagonal.
@@ -463,6 +468,8 @@ def k_reciprocal_jaccard(
     if k1 > n:
         raise ValueError(f"k1={k1} must not exceed the number of features {n}")
     _check_finite(x, "features")
+    if max_distance is not None and not 0.0 <= float(max_distance) <= 1.0:
+        raise ValueError(f"max_distance={max_distance} must be in [0, 1] (or None)")
     if knn == "faiss" and not _faiss_available():
         raise ImportError(
             "knn='faiss' needs the optional package faiss-cpu (pip install faiss-cpu)"
@@ -494,10 +501,10 @@ def k_reciprocal_jaccard(
         nn, _ = _knn_symmetric(block, n, k1, side, False, x.device)
     k_half = min(int(round(k1 / 2)) + 1, k1)
     V = _k_reciprocal_v(nn, k1, k_half, min(k2, k1), pair_dist)
-    return _sparse_jaccard(V, n)
+    return _sparse_jaccard(V, n, max_distance)
 
 
-def _sparse_jaccard(V: _CSR, n: int) -> sparse.csr_matrix:
+def _sparse_jaccard(V: _CSR, n: int, max_distance: float | None = None) -> sparse.csr_matrix:
     inv = _InvertedIndex(V, 0)
     cum = inv.pairs_per_row(V, slice(0, n))
     rows_out, cols_out, vals_out = [], [], []
@@ -514,7 +521,7 @@ def _sparse_jaccard(V: _CSR, n: int) -> sparse.csr_matrix:
         jac = (1.0 - s / (2.0 - s)).clamp_(min=0.0).float()
         row, col = codes // n, codes % n
         jac[row == col] = 0.0
-        keep = jac < 1.0
+        keep = jac < 1.0 if max_distance is None else jac <= max_distance
         rows_out.append(row[keep])
         cols_out.append(col[keep])
         vals_out.append(jac[keep])

@@ -263,7 +263,10 @@ def cluster_features(
     """
     from src.metrics.rerank import k_reciprocal_jaccard
 
-    kwargs: dict[str, Any] = {"k1": k1, "k2": k2, "metric": metric, "knn": knn}
+    # Only the pairs within eps matter to DBSCAN: storing just those keeps the Jaccard matrix
+    # O(pairs within eps) instead of O(pairs sharing a neighbour), with identical labels.
+    kwargs: dict[str, Any] = {"k1": k1, "k2": k2, "metric": metric, "knn": knn,
+                              "max_distance": eps}  # fmt: skip
     if chunk_size is not None:
         kwargs["chunk_size"] = chunk_size
     distance = k_reciprocal_jaccard(features, **kwargs)

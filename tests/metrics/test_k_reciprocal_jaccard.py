@@ -167,3 +167,29 @@ def test_block_neighbour_search_orders_by_value_then_index(normalise, side):
     assert torch.equal(row_max, m.amax(dim=1))
     assert torch.equal(nn.index, index)
     assert torch.equal(nn.dist, values)
+
+
+@pytest.mark.parametrize("max_distance", [0.0, 0.3, 0.6, 0.95])
+def test_max_distance_keeps_exactly_the_pairs_within_it(monkeypatch, max_distance):
+    """Cut at max_distance (row block by row block): exactly the full matrix's entries <= it,
+    the diagonal included, and DBSCAN at eps = max_distance gives the same labels."""
+    from src.systems.cc_steps import dbscan_labels
+
+    monkeypatch.setattr(RR, "_PAIR_BUDGET", 200)  # several row blocks
+    x = _blobs(6, 80, dim=6)
+    full = k_reciprocal_jaccard(x, 10, 4)
+    cut = k_reciprocal_jaccard(x, 10, 4, max_distance=max_distance)
+    f, c = full.tocoo(), cut.tocoo()
+    within = f.data <= max_distance
+    assert set(zip(c.row.tolist(), c.col.tolist(), strict=True)) == set(
+        zip(f.row[within].tolist(), f.col[within].tolist(), strict=True)
+    )
+    np.testing.assert_array_equal(cut.toarray()[cut.toarray() > 0], full.toarray()[
+        (full.toarray() > 0) & (full.toarray() <= max_distance)])  # fmt: skip
+    assert (cut.diagonal() == 0).all() and cut.nnz >= x.shape[0]
+    if 0 < max_distance < 1:
+        np.testing.assert_array_equal(
+            dbscan_labels(cut, max_distance, 4), dbscan_labels(full, max_distance, 4)
+        )
+    with pytest.raises(ValueError, match="max_distance"):
+        k_reciprocal_jaccard(x, 10, 4, max_distance=1.5)
