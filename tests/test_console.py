@@ -184,3 +184,12 @@ def test_cli_console_is_short_and_the_whole_tree_is_saved(tiny_data_root, tmp_pa
     assert "Tip:" not in console and "LeafSpec" not in console
     assert (out / "train.log").read_text().count("step ") >= 1  # the lines land in train.log too
     assert time.perf_counter() - start < 600
+
+
+def test_eval_summary_does_not_show_the_composed_defaults(make_cfg):
+    """src.eval evaluates with the checkpoint's data and model: the summary names the run and
+    the checkpoint only (the protocol summary says what was evaluated)."""
+    cfg = make_cfg(["ckpt_path=/some/run/last.ckpt"], config_name="eval")
+    lines = config_summary(cfg)
+    assert lines[0].startswith("run") and "from /some/run/last.ckpt" in lines[0]
+    assert not any(line.startswith(("data", "model", "loss")) for line in lines)

@@ -19,6 +19,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Sampler
 
+from src.data.batch_augment import TrainAugmentParams, augment_batch
 from src.data.datasets import ReIDDataset, build_dataset
 from src.data.image_dataset import DecodedImageCache, ImageDataset
 from src.data.records import ReIDRecord
@@ -85,6 +86,11 @@ class ReIDDataModule(LightningDataModule):
     ``setup`` fails before any training, naming the dataset and split, when a split cannot be
     evaluated (empty query or gallery, no query with a cross-camera match, no camera ids;
     :func:`~src.data.validation.evaluation_problems`).
+        batch_augment: apply the train augmentation (flip, pad + crop, normalise, random
+            erasing) to the whole batch on its device after the transfer, the workers only
+            resizing and drawing each sample's parameters (`src.data.batch_augment`; identical
+            output). Ignored, per-sample pipeline kept, with colour jitter, greyscale or
+            ``erasing_value="random"``.
         image_cache: keep every decoded image, resized to (height, width), in a uint8 memory
             map shared by the loader workers (`DecodedImageCache`; N x height x width x 3 bytes
             per split and process, docs/scaling.md): files are decoded once, not every epoch.
@@ -127,6 +133,7 @@ class ReIDDataModule(LightningDataModule):
         image_cache: bool = False,
         target_sampler: Literal["random", "pseudo_labels"] = "random",
         iters_per_epoch: int | None = None,
+        batch_augment: bool = True,
     ) -> None:
         super().__init__()
         for name, spec in (("source", source), ("target", target)):
@@ -193,6 +200,9 @@ class ReIDDataModule(LightningDataModule):
         #: (query, gallery) of the validation split, None when validation runs on the test split
         self.val_split: tuple[list[ReIDRecord], list[ReIDRecord]] | None = None
         self.image_cache = bool(image_cache)
+        # flip / crop / normalise / erasing applied batch-wise on the device (src.data.batch_augment),
+        # bit-identical to the per-sample pipeline; not for jitter, greyscale, noise erasing
+        self.batch_augment = bool(batch_augment) and self._augment_is_batchable()
         self._caches: dict[tuple[str, str, str], DecodedImageCache] = {}
         self.target_sampler = target_sampler
         self.iters_per_epoch = iters_per_epoch
@@ -351,11 +361,32 @@ class ReIDDataModule(LightningDataModule):
             return dist.get_world_size(), dist.get_rank()
         return 1, 0
 
-    def _transform(self, domain: str, train: bool) -> Any:
+    def _augment_is_batchable(self) -> bool:
+        a = self.augment
+        return (
+            a["erasing_value"] == "mean"
+            and not (a["color_jitter_p"] > 0 and max(a["color_jitter"]) > 0)
+            and not a["grayscale_p"] > 0
+        )
+
+    def _transform(self, domain: str, train: bool, batched: bool = True) -> Any:
+        """The loader's transform; ``batched=False`` for loaders iterated outside the Trainer
+        (no ``on_after_batch_transfer`` there): the per-sample pipeline, the same result."""
         mean, std = self.stats[domain]
         if not train:
             return build_transforms(self.height, self.width, False, mean, std)
+        if self.batch_augment and batched:
+            a = self.augment
+            return TrainAugmentParams(
+                self.height, self.width, mean, std, flip_p=a["flip_p"], pad=a["pad"],
+                random_erasing_p=a["random_erasing_p"], interpolation=a["interpolation"],
+            )  # fmt: skip
         return build_transforms(self.height, self.width, True, mean, std, **self.augment)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Training batches of the batched augmentation (uint8 images with their drawn
+        parameters, :mod:`src.data.batch_augment`) are augmented here, on the device."""
+        return augment_batch(batch, self.augment["pad"]) if self.batch_augment else batch
 
     def _cache(self, domain: str, split: str, n: int, train: bool) -> DecodedImageCache | None:
         """The decoded-image cache of one split (None when off), made once per run."""
@@ -522,7 +553,9 @@ class ReIDDataModule(LightningDataModule):
         world, rank = self._world()
         records = self.target_data.train
         cache = self._cache("target", "train", len(records), train=augment)
-        dataset = ImageDataset(records, self._transform("target", train=augment), cache=cache)
+        # iterated by the systems' initialisation, outside the Trainer: per-sample augmentation
+        transform = self._transform("target", train=augment, batched=False)
+        dataset = ImageDataset(records, transform, cache=cache)
         sampler = ShardedSampler(len(dataset), world, rank, shuffle=True, seed=self.seed + 2)
         return DataLoader(
             SeededDataset(dataset),

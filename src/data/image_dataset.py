@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
+from src.data.batch_augment import AugmentedImage
 from src.data.image_io import read_image
 from src.data.records import ReIDRecord
 
@@ -120,7 +121,11 @@ class ImageDataset(Dataset):
         )
         if self.transform is not None:
             img = self.transform(img)
-        sample = {"img": img, "pid": record.pid, "camid": record.camid, "index": record.index}
+        sample = {"pid": record.pid, "camid": record.camid, "index": record.index}
+        if isinstance(img, AugmentedImage):  # batch-wise augmentation (src.data.batch_augment)
+            sample["img"], sample["aug"], sample["aug_norm"] = img
+        else:
+            sample["img"] = img
         if isinstance(self.is_query, Sequence):
             sample["is_query"] = bool(self.is_query[i])
         elif self.is_query is not None:

@@ -128,6 +128,13 @@ def config_summary(cfg: DictConfig) -> list[str]:
     if cfg.get("ckpt_path"):
         run.append(f"from {cfg.ckpt_path}")
     add("run", run)
+    if cfg.get("task_name") == "eval":
+        # src.eval takes data, model and protocol from the checkpoint: the composed defaults
+        # would be misleading here; it prints what it evaluated (protocol_summary) itself
+        out_dir = cfg.get("paths", {}).get("output_dir")
+        if out_dir:
+            add("run dir", [str(out_dir), "full config in config_tree.txt"])
+        return lines
     if "data" in cfg:
         domains = []
         for side in ("source", "target"):

@@ -49,7 +49,11 @@ def test_supervised_batches(tiny_synth) -> None:
     assert isinstance(loader.sampler.sampler, DistributedPKSampler)
     batches = list(loader)
     assert len(batches) == len(loader) > 0
-    for batch in batches:
+    for raw in batches:
+        # uint8 images and their drawn augmentation, applied batch-wise after the transfer
+        assert set(raw) == {"img", "aug", "aug_norm", "pid", "camid", "index"}
+        assert raw["img"].dtype == torch.uint8 and raw["aug"].shape == (8, 7)
+        batch = dm.on_after_batch_transfer(raw, 0)
         assert set(batch) == {"img", "pid", "camid", "index"}
         assert batch["img"].shape == (8, 3, H, W) and batch["img"].dtype == torch.float32
         assert batch["pid"].dtype == batch["camid"].dtype == batch["index"].dtype == torch.int64
@@ -89,7 +93,8 @@ def test_domain_adaptation_combined_loader_cycles_target(tiny_synth) -> None:
     target_len = len(combined.iterables["target"])
     assert target_len < source_len  # so the target cycles within the epoch
     steps = []
-    for batch, _, _ in iter(combined):
+    for raw, _, _ in iter(combined):
+        batch = dm.on_after_batch_transfer(raw, 0)
         assert set(batch) == {"source", "target"}
         assert batch["source"]["img"].shape == (8, 3, H, W)
         _check_pk(batch["source"]["pid"], P=2, K=4)
@@ -127,7 +132,11 @@ def test_random_source_sampler(tiny_synth) -> None:
 def test_target_init_loader_visits_every_sample_once(tiny_synth) -> None:
     dm = _dm(tiny_synth, target=True, target_batch_size=16)
     loader = dm.target_init_dataloader()
-    idx = torch.cat([b["index"] for b in loader])
+    batches = list(loader)
+    # iterated outside the Trainer (MAR / cluster contrast initialisation): finished float
+    # images from the per-sample augmentation, not the uint8 + parameters of the batched one
+    assert all(b["img"].dtype == torch.float32 and "aug" not in b for b in batches)
+    idx = torch.cat([b["index"] for b in batches])
     assert sorted(idx.tolist()) == list(range(dm.num_target_train))
     assert idx.tolist() != sorted(idx.tolist())  # shuffled
     with pytest.raises(RuntimeError, match="target"):
