@@ -22,6 +22,7 @@ def test_wandb_offline_run_with_csv(make_cfg, tiny_data_root, wandb_offline):
         [
             *tiny_overrides(tiny_data_root),
             "logger=[csv,wandb]",
+            "callbacks.ranklist.enabled=true",  # the default (tiny_overrides turns it off)
             "trainer.max_epochs=1",
             "trainer.check_val_every_n_epoch=1",
             "trainer.log_every_n_steps=1",
@@ -64,7 +65,7 @@ def test_wandb_offline_run_with_csv(make_cfg, tiny_data_root, wandb_offline):
     media = out.glob("wandb/offline-run-*/files/media/images")
     (images,) = list(media)
     assert list(images.glob("val/ranklist_*.png")) and list(images.glob("test/embedding_pca_*.png"))
-    # ... and the same pictures in the run directory (enabled=auto turned them on)
+    # ... and the same pictures in the run directory (the embedding's enabled=auto: on with W&B)
     assert (out / "ranklists" / "val_epoch000.png").is_file()
     assert (out / "embedding_test.png").is_file()
 
