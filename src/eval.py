@@ -231,10 +231,7 @@ def write_ranklists(
     q, g = data["is_query"], ~data["is_query"]
 
     def rows(mask: torch.Tensor) -> RankListRows:
-        picked = [records[i] for i in data["index"][mask].tolist()]
-        return RankListRows(
-            [r.img_path for r in picked], data["pid"][mask].tolist(), data["camid"][mask].tolist()
-        )
+        return RankListRows.from_records([records[i] for i in data["index"][mask].tolist()])
 
     queries, gallery = rows(q), rows(g)
     written = []

@@ -95,8 +95,8 @@ class RankListLogger(EvalPictureCallback):
         name = "test.png" if stage == "test" else f"{stage}_epoch{outputs.epoch:03d}.png"
         out, _ = write_ranklist(
             image_dir(trainer, self.dirpath, "ranklists") / name,
-            queries=_rows(queries),
-            gallery=_rows(records),
+            queries=RankListRows.from_records(queries),
+            gallery=RankListRows.from_records(records),
             positions=ranks.gallery_index,
             matches=ranks.matches,
             distances=ranks.distances,
@@ -114,9 +114,3 @@ class RankListLogger(EvalPictureCallback):
             "same identity)"
         )
         log_png(trainer, f"{stage}/ranklist", out, caption)
-
-
-def _rows(records: Sequence) -> RankListRows:
-    return RankListRows(
-        [r.img_path for r in records], [r.pid for r in records], [r.camid for r in records]
-    )

@@ -24,6 +24,11 @@ def _as_2d(x: object, name: str) -> np.ndarray:
     return arr
 
 
+def _as_ap(x: object) -> np.ndarray:
+    """(Q,) float64 per-query AP from numpy or torch (NaN: not scored)."""
+    return np.asarray(x.detach().cpu() if hasattr(x, "detach") else x, dtype=float)
+
+
 def _tile(path: str | os.PathLike | None, size: tuple[int, int], border: int, color) -> np.ndarray:
     """An RGB tile of `size` (height, width) with a coloured frame; grey when path is None."""
     height, width = size
@@ -125,7 +130,7 @@ def select_queries(
     of the others drawn uniformly with `seed` (ascending; the same rows at every epoch for the
     same query set, so that successive pictures compare). Queries with a NaN AP (no true match
     in the gallery, not scored) are never drawn."""
-    ap = np.asarray(query_ap.detach().cpu() if hasattr(query_ap, "detach") else query_ap, float)
+    ap = _as_ap(query_ap)
     if num_worst < 0 or num_random < 0:
         raise ValueError(f"num_worst and num_random must be >= 0, got {num_worst}, {num_random}")
     scored = np.flatnonzero(~np.isnan(ap))
@@ -143,6 +148,12 @@ class RankListRows(Sequence):
         if not len(paths) == len(pids) == len(camids):
             raise ValueError("RankListRows: paths, pids and camids differ in length")
         self.paths, self.pids, self.camids = list(paths), list(pids), list(camids)
+
+    @classmethod
+    def from_records(cls, records: Sequence) -> RankListRows:
+        """From records with ``img_path``, ``pid`` and ``camid`` (e.g. ``ReIDRecord``)."""
+        return cls([r.img_path for r in records], [r.pid for r in records],
+                   [r.camid for r in records])  # fmt: skip
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -179,7 +190,7 @@ def write_ranklist(
     """
     indices, flags = _as_2d(positions, "positions"), _as_2d(matches, "matches")
     dists = _as_2d(distances, "distances").astype(float)
-    ap = np.asarray(query_ap.detach().cpu() if hasattr(query_ap, "detach") else query_ap, float)
+    ap = _as_ap(query_ap)
     if not (indices.shape == flags.shape == dists.shape) or indices.shape[0] != len(queries):
         raise ValueError(
             f"write_ranklist: positions {indices.shape}, matches {flags.shape}, distances "

@@ -17,11 +17,15 @@ from rich.table import Table
 PRINT_ORDER = ("data", "model", "system", "loss", "optimizer", "scheduler", "trainer", "callbacks")
 
 
+def _ordered_keys(cfg: Any) -> list:
+    """Top-level keys, the groups of :data:`PRINT_ORDER` first."""
+    return [k for k in PRINT_ORDER if k in cfg] + [k for k in cfg if k not in PRINT_ORDER]
+
+
 def config_tree(cfg: DictConfig) -> rich.tree.Tree:
     """The resolved config as a rich tree, groups in :data:`PRINT_ORDER` first."""
     tree = rich.tree.Tree("CONFIG", style="dim", guide_style="dim")
-    keys = [k for k in PRINT_ORDER if k in cfg] + [k for k in cfg if k not in PRINT_ORDER]
-    for key in keys:
+    for key in _ordered_keys(cfg):
         branch = tree.add(str(key), style="dim", guide_style="dim")
         node = cfg[key]
         text = OmegaConf.to_yaml(node, resolve=True) if isinstance(node, DictConfig) else str(node)
@@ -49,9 +53,8 @@ def save_config_tree(cfg: DictConfig) -> Path | None:
         resolved = OmegaConf.to_container(cfg, resolve=True)
     except Exception:  # e.g. ${hydra:...} outside a Hydra run: keep what cannot be resolved
         resolved = OmegaConf.to_container(cfg, resolve=False)
-    keys = [k for k in PRINT_ORDER if k in resolved] + [k for k in resolved if k not in PRINT_ORDER]
     with open(path, "w") as f:
-        for key in keys:
+        for key in _ordered_keys(resolved):
             f.write(OmegaConf.to_yaml({key: resolved[key]}))
     return path
 
