@@ -4,13 +4,16 @@ The default run (`python -m src.train`: experiment=synthetic_triplet, ResNet-18,
 16 x 4, 2 loader workers) on the generated synthetic domain A. Side by side, in one process:
 
 * **in memory**: the batches of one epoch, transformed beforehand, fed from a list (the limit);
-* **loader**: the `ReIDDataModule` train loader (JPEG decode + transform every epoch);
+* **loader**: the `ReIDDataModule` train loader, JPEG decode every epoch, with the per-sample
+  augmentation (``data.batch_augment=false``) or the batch-wise one (the default: the workers
+  resize and draw each sample's parameters, the main process applies them to the batch);
 * **loader + image cache**: the same with ``data.image_cache=true`` (decoded, resized images kept
-  in shared memory after the first epoch).
+  in shared memory after the first epoch); with the batch-wise augmentation this is the default
+  run's feed.
 
 Each is forward + backward + Adam step of the recipe's network and losses, timed over a whole
-epoch after a warm-up epoch (so the loader's time includes any wait for data). Goal: loader +
-image cache <= 1.05x the in-memory step. A per-image table times the transforms alone.
+epoch after a warm-up epoch (so the loader's time includes any wait for data). Goal: the
+default run's feed <= 1.05x the in-memory step. A per-image table times the transforms alone.
 
 Run: ``python -m src.bench.image_pipeline [--quick]`` (``make bench`` runs it through
 ``python -m src.bench``).
@@ -31,6 +34,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from torchvision.transforms import v2 as T
 
+from src.data.batch_augment import TrainAugmentParams, apply_train_augment
 from src.data.image_dataset import DecodedImageCache
 from src.data.image_io import read_image
 from src.data.synthetic import SyntheticReID
@@ -112,13 +116,32 @@ def _per_image_us(paths: list[str], transforms: dict[str, Any], repeats: int) ->
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def _cache_read_us(cache: DecodedImageCache, paths: list[str], transform: Any) -> float:
+def _cache_read_us(
+    cache: DecodedImageCache, paths: list[str], transform: Any, as_array: bool = False
+) -> float:
+    """Median µs per image of a cached read (a PIL image, or the array the batch-wise
+    parameter draw takes) and ``transform``, each sample seeded as the loader seeds it."""
+    read = cache.get_array if as_array else cache.get
     times = []
     for _ in range(3):
         start = time.perf_counter()
         for i, path in enumerate(paths):
-            transform(cache.get(i, path))
+            with torch.random.fork_rng(devices=[]):
+                torch.default_generator.manual_seed(i)
+                transform(read(i, path))
         times.append(1e6 * (time.perf_counter() - start) / len(paths))
+    return statistics.median(times)
+
+
+def _augment_batch_ms(drawn: list[Any], pad: int, repeats: int = 20) -> float:
+    """Median ms of :func:`apply_train_augment` on one collated batch of drawn samples."""
+    img = torch.stack([d.img for d in drawn])
+    params, norm = torch.stack([d.params for d in drawn]), torch.stack([d.norm for d in drawn])
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        apply_train_augment(img, params, norm, pad)
+        times.append(1000 * (time.perf_counter() - start))
     return statistics.median(times)
 
 
@@ -151,6 +174,7 @@ def run(quick: bool = False) -> str:
             ]
         )
         ours = build_transforms(height, width, True)
+        draw = TrainAugmentParams(height, width, IMAGENET_MEAN, IMAGENET_STD)
         minimal = T.Compose(
             [
                 T.Resize((height, width), antialias=True),
@@ -162,7 +186,8 @@ def run(quick: bool = False) -> str:
             paths,
             {
                 "decode + former tensor-side train transform": (True, former),
-                "decode + PIL-side train transform (now)": (True, ours),
+                "decode + PIL-side train transform (per-sample pipeline)": (True, ours),
+                "decode + resize and parameter draw (batch-wise augmentation)": (True, draw),
                 "decode + minimal PIL pipeline (resize, to float)": (True, minimal),
                 "former tensor-side transform alone": (False, former),
                 "PIL-side transform alone": (False, ours),
@@ -173,6 +198,13 @@ def run(quick: bool = False) -> str:
         for i, path in enumerate(paths):
             cache.get(i, path)  # fill
         per_image["image cache read + PIL-side transform"] = _cache_read_us(cache, paths, ours)
+        per_image["image cache read + parameter draw (the default run's workers)"] = _cache_read_us(
+            cache, paths, draw, as_array=True
+        )
+        augment_ms = _augment_batch_ms(
+            [draw(cache.get_array(i, p)) for i, p in enumerate(paths[: cfg.data.batch_size])],
+            datamodule.augment["pad"],
+        )
 
         # training steps: in memory, then the loaders (each after a warm-up epoch)
         per_sample_dm, _, _ = _build(_compose(data_dir, cache=False, quick=quick,
@@ -225,7 +257,9 @@ def run(quick: bool = False) -> str:
         f"{default}). Image cache of this split: {cache_mib:.1f} MiB (N x {height} x {width} x "
         "3 bytes).",
         "",
-        f"Per image ({len(paths)} train images, median of 3 passes, main process):",
+        f"Per image ({len(paths)} train images, median of 3 passes, main process; the "
+        "batch-wise rows leave flip, crop, scaling and erasing to the batch, about "
+        f"{augment_ms:.1f} ms per batch of {cfg.data.batch_size} in the main process):",
         "",
         "| pipeline | µs / image |",
         "|---|---:|",

@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -84,8 +85,18 @@ class TrainAugmentParams:
         self._shape = tv_tensors.Image(torch.empty(3, self.height, self.width))
         self.norm = torch.tensor([*map(float, mean), *map(float, std)], dtype=torch.float32)
 
+    #: ImageDataset hands a cached image over as its (height, width, 3) uint8 array
+    #: (DecodedImageCache.get_array): already resized, so the PIL round trip is skipped
+    takes_resized_array = True
+
     def __call__(self, img: Any) -> AugmentedImage:
-        out = self.resize(img).as_subclass(Tensor)
+        if isinstance(img, np.ndarray):
+            if img.shape != (self.height, self.width, 3) or img.dtype != np.uint8:
+                raise ValueError(f"TrainAugmentParams: a cached image must be ({self.height}, "
+                                 f"{self.width}, 3) uint8, got {img.dtype} {img.shape}")  # fmt: skip
+            out = torch.from_numpy(img.copy()).permute(2, 0, 1)  # as ToImage lays out a PIL image
+        else:
+            out = self.resize(img).as_subclass(Tensor)
         params = torch.zeros(NUM_PARAMS, dtype=torch.int64)
         # the draws of the per-sample pipeline, one by one (steps with p = 0 are left out there)
         if self.flip_p > 0:

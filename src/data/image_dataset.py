@@ -69,12 +69,18 @@ class DecodedImageCache:
 
     def get(self, i: int, path: str) -> Image.Image:
         """Image ``i`` (file ``path``) resized to (height, width), from memory when stored."""
+        return Image.fromarray(self.get_array(i, path))
+
+    def get_array(self, i: int, path: str) -> np.ndarray:
+        """:meth:`get` as the (height, width, 3) uint8 array itself (a read-only view of the
+        shared slot), without the round trip through PIL."""
         if not self._filled[i]:
             img = read_image(path).resize((self.width, self.height), _FILTERS[self.interpolation])
             self._images[i] = np.asarray(img)
             self._filled[i] = 1  # after the pixels: a reader never sees a half-written slot
-            return img
-        return Image.fromarray(self._images[i])
+        view = self._images[i].view()
+        view.flags.writeable = False
+        return view
 
 
 class ImageDataset(Dataset):
@@ -114,11 +120,13 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         record = self.records[i]
-        img: Any = (
-            read_image(record.img_path)
-            if self.cache is None
-            else self.cache.get(i, record.img_path)
-        )
+        img: Any
+        if self.cache is None:
+            img = read_image(record.img_path)
+        elif getattr(self.transform, "takes_resized_array", False):
+            img = self.cache.get_array(i, record.img_path)  # TrainAugmentParams: no PIL needed
+        else:
+            img = self.cache.get(i, record.img_path)
         if self.transform is not None:
             img = self.transform(img)
         sample = {"pid": record.pid, "camid": record.camid, "index": record.index}

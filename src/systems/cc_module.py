@@ -281,7 +281,7 @@ class ClusterContrastModule(ReIDSystem):
             centroids = cluster_centroids(features, labels.to(features.device), num)
             stats = cluster_diagnostics(labels, true_ids)
             state = {"labels": labels.cpu(), "centroids": centroids.float().cpu(), "stats": stats}
-        state = self._broadcast_object(state)
+        state = mar_init.broadcast_from_rank0(state, self._trainer)
         self.pseudo_labels.copy_(state["labels"].to(self.pseudo_labels.device))
         self.memory = state["centroids"].to(self.memory.device, self.memory.dtype)
         self.clustered_epoch.fill_(self.current_epoch)
@@ -289,18 +289,6 @@ class ClusterContrastModule(ReIDSystem):
         s = self.last_cluster_stats
         msg = ", ".join(f"{k} {v:.4g}" for k, v in s.items())
         rank_zero_info(f"cluster contrast, epoch {self.current_epoch}: {msg}")
-
-    def _broadcast_object(self, obj: Any) -> Any:
-        trainer = self._trainer
-        if trainer is not None:
-            return trainer.strategy.broadcast(obj, src=0)
-        if mar_init.dist_world()[0] > 1:
-            import torch.distributed as dist
-
-            box = [obj]
-            dist.broadcast_object_list(box, src=0)
-            return box[0]
-        return obj
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:

@@ -14,7 +14,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
@@ -403,7 +402,7 @@ class MARModule(ReIDSystem):
         _, rank = mar_init.dist_world()
         key = self._cache_key(datamodule) if rank == 0 else None
         state = mar_init.load_init_cache(hp.init_cache_dir, key) if key is not None else None
-        hit = self._broadcast_object(state is not None)
+        hit = mar_init.broadcast_from_rank0(state is not None, self._trainer)
         if hit:
             rank_zero_info(
                 f"MAR init: cache hit {mar_init.init_cache_path(hp.init_cache_dir, key)}"
@@ -419,7 +418,7 @@ class MARModule(ReIDSystem):
                     hp.init_cache_dir, key, state, {"pretrained_ckpt": self._pretrained_path}
                 )
                 rank_zero_info(f"MAR init: cached in {path}")
-        state = self._broadcast_object(state)
+        state = mar_init.broadcast_from_rank0(state, self._trainer)
         self.load_init_state(state)
 
     def load_init_state(self, state: dict[str, Tensor]) -> None:
@@ -442,16 +441,6 @@ class MARModule(ReIDSystem):
         )
         self.mar_initialised.fill_(True)
         rank_zero_info(f"MAR init: T0 = {float(state['threshold']):.6f}")
-
-    def _broadcast_object(self, obj: Any) -> Any:
-        trainer = self._trainer
-        if trainer is not None:
-            return trainer.strategy.broadcast(obj, src=0)
-        if mar_init.dist_world()[0] > 1:
-            box = [obj]
-            dist.broadcast_object_list(box, src=0)
-            return box[0]
-        return obj
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: dict[str, dict[str, Tensor]], batch_idx: int) -> Tensor:

@@ -18,10 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from src.tools.mar_demo import Demo, quick_overrides
+from src.tools.stages import run_stage
 
 DIRECT = "direct transfer (A -> B)"
 METHODS = {
@@ -29,23 +30,74 @@ METHODS = {
     "cc": "cluster contrast (A -> B, unlabelled B)",
     "supervised": "supervised on B (upper bound)",
 }
+EVAL_FLAGS = ["metric=cosine", "ap=standard", "extras.print_config=false"]
 # the tiny preset's 12 target ids of 4-6 images: P x K = 4 x 4 needs >= 4 clusters
 QUICK_CC = ["+data.target.preset=tiny", "data.iters_per_epoch=2", "system.k1=6", "system.k2=2",
             "system.min_samples=2", "system.eps=0.6", "scheduler.milestones=[1]"]  # fmt: skip
 
 
-class UDADemo(Demo):
-    """`Demo` with a "train_cc" kind: the one-domain quick overrides plus the tiny target."""
+def quick_overrides(out: Path, kind: str) -> list[str]:
+    """Overrides that shrink a run to the tiny synthetic preset (a smoke test of the pipeline).
+
+    `kind`: "train" (one domain), "train_da" (A -> B), "eval" (one domain) or "eval_da".
+    """
+    common = [
+        f"paths.data_dir={out / 'data'}",
+        "+data.source.preset=tiny",
+        "data.height=32",
+        "data.width=16",
+        "data.test_batch_size=64",
+        "data.num_workers=0",
+    ]
+    if kind.endswith("_da"):
+        common.append("+data.target.preset=tiny")
+    if kind.startswith("eval"):
+        return common
+    common += [
+        "data.batch_size=16",
+        "data.num_instances=4",
+        "trainer.max_epochs=1",
+        f"paths.log_dir={out / 'logs'}",  # the MAR initialisation cache
+    ]
+    if kind == "train_da":
+        # 16 target images: C(16, 2) = 120 pairs, ratio 0.05 mines 6; no warm-up in one epoch
+        return [*common, "data.target_batch_size=16", "loss.mining_ratio=0.05",
+                "system.warmup_epochs=0", "scheduler.milestones=[1]"]  # fmt: skip
+    return [*common, "scheduler.warmup_epochs=0", "scheduler.milestones=[1]"]
+
+
+class Demo:
+    """The runs of one demo: where they go and which extra overrides each kind of run gets."""
+
+    def __init__(self, out: Path, extra: Sequence[str], quick: bool) -> None:
+        self.out, self.extra, self.quick = out, list(extra), quick
+        self.seconds: dict[str, float] = {}
 
     def overrides(self, kind: str) -> list[str]:
+        """`self.extra`, after the quick overrides of `kind` in a quick demo; "train_cc" is a
+        one-domain run ("train") on the tiny target with cluster contrast's own schedule."""
+        if not self.quick:
+            return list(self.extra)
         if kind != "train_cc":
-            return super().overrides(kind)
+            return [*quick_overrides(self.out, kind), *self.extra]
         quick = [o for o in quick_overrides(self.out, "train") if not o.startswith("scheduler.")]
-        return [*(quick + QUICK_CC if self.quick else []), *self.extra]
+        return [*quick, *QUICK_CC, *self.extra]
+
+    def train(self, name: str, run_dir: Path, kind: str, overrides: Sequence[str]) -> Path:
+        cmd = [sys.executable, "-m", "src.train"]
+        cmd += [*overrides, f"hydra.run.dir={run_dir}", *self.overrides(kind)]
+        self.seconds[name] = run_stage(cmd, run_dir.with_suffix(".log"))
+        return run_dir / "checkpoints" / "last.ckpt"
+
+    def evaluate(self, name: str, run_dir: Path, kind: str, overrides: Sequence[str]) -> dict:
+        cmd = [sys.executable, "-m", "src.eval", *overrides, f"hydra.run.dir={run_dir}"]
+        cmd += [*EVAL_FLAGS, *self.overrides(kind)]
+        self.seconds[name] = run_stage(cmd, run_dir.with_suffix(".log"))
+        return json.loads((run_dir / "metrics.json").read_text())["plain"]
 
 
 def one_seed(
-    seed: int, demo: UDADemo, methods: Sequence[str], stage1_from: Path | None = None
+    seed: int, demo: Demo, methods: Sequence[str], stage1_from: Path | None = None
 ) -> dict[str, dict]:
     """Stage 1 (or its checkpoint from an earlier demo in `stage1_from`), direct transfer and
     each method for one seed; metrics per row."""
@@ -101,13 +153,20 @@ def summarise(per_seed: dict[int, dict[str, dict]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(
+    argv: Sequence[str] | None = None,
+    methods: Sequence[str] = tuple(METHODS),
+    out: str = "logs/uda_demo",
+    description: str | None = __doc__,
+) -> int:
+    """The demo's command line; `methods`, `out` and `description` are its defaults (`make
+    mar-demo` is this with MAR and supervised-on-B into logs/mar_demo)."""
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=list(METHODS))
-    parser.add_argument("--out", default="logs/uda_demo")
+    parser.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=list(methods))
+    parser.add_argument("--out", default=out)
     parser.add_argument("--quick", action="store_true", help="tiny data, one epoch (a smoke test)")
     parser.add_argument(
         "--stage1-from",
@@ -120,10 +179,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     root = Path(args.out)
     per_seed, seconds = {}, {}
     for seed in args.seeds:
-        demo = UDADemo(root, args.overrides, args.quick)
+        demo = Demo(root, args.overrides, args.quick)
         per_seed[seed] = one_seed(seed, demo, args.methods, args.stage1_from)
         seconds[seed] = demo.seconds
     table = summarise(per_seed)
+    root.mkdir(parents=True, exist_ok=True)
     (root / "results.json").write_text(
         json.dumps({str(k): {**v, "seconds": seconds[k]} for k, v in per_seed.items()}, indent=2)
     )

@@ -69,27 +69,42 @@ def test_augment_batch_walks_nested_batches_and_leaves_others():
         apply_train_augment(batch["img"].float(), batch["aug"], batch["aug_norm"], 10)
 
 
-def test_datamodule_trains_on_the_per_sample_result(tiny_data_root):
-    """The loader + on_after_batch_transfer give exactly the per-sample pipeline's batch."""
+@pytest.mark.parametrize("image_cache", [False, True])
+def test_datamodule_trains_on_the_per_sample_result(tiny_data_root, image_cache, monkeypatch):
+    """The loader + on_after_batch_transfer give exactly the per-sample pipeline's batch, also
+    from the image cache (epoch 0 fills it, epoch 1 reads its arrays without PIL)."""
     from src.data import ReIDDataModule
 
-    def module(batch_augment):
+    def module(batch_augment, cache=False):
         dm = ReIDDataModule(
             source={"name": "synthetic", "root": str(tiny_data_root / "synthetic" / "A"),
                     "domain": "A", "preset": "tiny"},
             height=32, width=16, batch_size=16, num_instances=4, num_workers=0, seed=3,
-            batch_augment=batch_augment,
+            batch_augment=batch_augment, image_cache=cache,
         )  # fmt: skip
         dm.prepare_data()
         dm.setup("fit")
         return dm
 
-    batched, per_sample = module(True), module(False)
+    from src.data.image_dataset import DecodedImageCache
+
+    hits = []  # cached reads served as arrays (filled slots)
+    get_array = DecodedImageCache.get_array
+
+    def counting_get_array(self, i, path):
+        hits.append(bool(self._filled[i]))
+        return get_array(self, i, path)
+
+    monkeypatch.setattr(DecodedImageCache, "get_array", counting_get_array)
+    batched, per_sample = module(True, image_cache), module(False)
     assert batched.batch_augment and not per_sample.batch_augment
-    for a, b in zip(batched.train_dataloader(), per_sample.train_dataloader(), strict=True):
-        assert a["img"].dtype == torch.uint8 and "aug" in a
-        a = batched.on_after_batch_transfer(a, 0)
-        assert torch.equal(a["img"], b["img"]) and torch.equal(a["pid"], b["pid"])
+    loaders = batched.train_dataloader(), per_sample.train_dataloader()
+    for epoch in range(2):
+        for a, b in zip(*loaders, strict=True):
+            assert a["img"].dtype == torch.uint8 and "aug" in a
+            a = batched.on_after_batch_transfer(a, 0)
+            assert torch.equal(a["img"], b["img"]) and torch.equal(a["pid"], b["pid"]), epoch
+    assert (sum(hits) > len(hits) // 4) if image_cache else not hits
     jitter = ReIDDataModule(
         source={"name": "synthetic", "root": "x", "domain": "A"}, color_jitter_p=0.5,
         color_jitter=(0.2, 0.2, 0.2, 0.0),

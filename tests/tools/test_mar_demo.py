@@ -7,25 +7,37 @@ import json
 
 import pytest
 
-from src.tools import mar_demo
-from src.tools.mar_demo import ROWS, summarise
+from src.tools import mar_demo, uda_demo
+from src.tools.mar_demo import ROWS
 
 
 def test_summarise_mean_and_std_over_seeds():
     per_seed = {
-        0: {row: {"rank1": 0.10, "mAP": 0.05} for row in ROWS},
-        1: {row: {"rank1": 0.30, "mAP": 0.15} for row in ROWS},
+        0: {row: {"rank1": 0.10, "mAP": 0.05, "mINP": 0.01} for row in ROWS},
+        1: {row: {"rank1": 0.30, "mAP": 0.15, "mINP": 0.03} for row in ROWS},
     }
-    table = summarise(per_seed).splitlines()
-    assert table[0].startswith("| method | rank-1 (%) | mAP (%) | seeds |")
+    table = uda_demo.summarise(per_seed).splitlines()
     assert len(table) == 2 + len(ROWS)
-    # mean 20.0, sample std of (10, 30) = 14.1; mAP mean 10.0, std 7.1
-    assert table[2] == f"| {ROWS[0]} | 20.0 ± 14.1 | 10.0 ± 7.1 | 2 |"
+    # mean 20.0, sample std of (10, 30) = 14.1; mAP mean 10.0, std 7.1; mINP 2.0 ± 1.4
+    assert table[2] == f"| {ROWS[0]} | 20.0 ± 14.1 | 10.0 ± 7.1 | 2.0 ± 1.4 | 2 |"
 
 
-def test_single_seed_has_zero_std():
-    per_seed = {3: {row: {"rank1": 0.5, "mAP": 0.25} for row in ROWS}}
-    assert f"| {ROWS[1]} | 50.0 ± 0.0 | 25.0 ± 0.0 | 1 |" in summarise(per_seed)
+def test_mar_demo_is_the_uda_demo_with_mar_and_supervised(monkeypatch, tmp_path):
+    """`make mar-demo` runs the UDA demo's MAR and supervised-on-B rows into logs/mar_demo."""
+    calls = []
+
+    def one_seed(seed, demo, methods, stage1_from=None):
+        calls.append((seed, demo.out, list(methods), demo.extra))
+        return {row: {"rank1": 0.5, "mAP": 0.25, "mINP": 0.1} for row in ROWS}
+
+    monkeypatch.setattr(uda_demo, "one_seed", one_seed)
+    monkeypatch.chdir(tmp_path)
+    assert mar_demo.main(["trainer.max_epochs=4", "--seeds", "0", "1"]) == 0
+    out = uda_demo.Path("logs/mar_demo")
+    assert calls == [(s, out, ["mar", "supervised"], ["trainer.max_epochs=4"]) for s in (0, 1)]
+    assert f"| {ROWS[1]} | 50.0 ± 0.0 | 25.0 ± 0.0 | 10.0 ± 0.0 | 2 |" in (
+        (tmp_path / out / "results.md").read_text()
+    )
 
 
 @pytest.mark.slow
