@@ -98,7 +98,7 @@ class SeededDataset(Dataset):
         index, seed = item
         with torch.random.fork_rng(devices=[]):
             # the CPU generator only: torch.manual_seed would also seed (or queue, with a stack
-            # trace each time: 2/3 of a cached sample's cost) the CUDA/XPU/MTIA generators,
+            # trace each time: half of a cached sample's cost) the CUDA/XPU/MTIA generators,
             # which the transforms never use and fork_rng(devices=[]) does not restore
             torch.default_generator.manual_seed(seed)
             return self.dataset[index]
