@@ -246,82 +246,17 @@ def _memory_kib(field: str) -> int:
     raise KeyError(field)
 
 
-def _msmt_worker(quick: bool) -> None:
-    """Runs in a fresh interpreter; prints one JSON line with timings and memory."""
-    sizes = QUICK if quick else FULL
-    qf, gf, q_pids, g_pids, q_cams, g_cams = _planted(
-        sizes.msmt_q, sizes.msmt_g, sizes.msmt_ids, 0, 15, sizes.dim, MSMT_NOISE, seed=7
-    )
-    labels = (q_pids, g_pids, q_cams, g_cams)
-    features_mib = (qf.numel() + gf.numel()) * 4 / 2**20
-    maxrss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    rss_before = _memory_kib("VmRSS")
-    try:  # reset the kernel's peak-RSS counter (VmHWM) so that it covers the evaluation only
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        method = "VmHWM after resetting it via /proc/self/clear_refs, minus VmRSS before"
-    except OSError:
-        method = "ru_maxrss after minus VmRSS before (an upper bound)"
-    start = time.perf_counter()
-    cmc, mAP, mINP = _quiet(evaluate_features, qf, gf, *labels)
-    seconds = time.perf_counter() - start
-    if method.startswith("VmHWM"):
-        peak_extra = _memory_kib("VmHWM") - rss_before
-    else:
-        peak_extra = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before
-
-    # The naive protocol on a slice of the queries (the full matrix would need ~11.5 GB).
-    n = sizes.msmt_slice
-    sl = (q_pids[:n], g_pids, q_cams[:n], g_cams)
-    t0 = time.perf_counter()
-    dist = compute_distance_matrix(qf[:n], gf).numpy()
-    t_dist = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    naive = naive_evaluate(dist, *sl)
-    t_naive = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    ours = _quiet(evaluate_rank, dist, *sl)
-    t_ours = time.perf_counter() - t0
-    print(
-        json.dumps(
-            {
-                "seconds": seconds,
-                "rank1": float(cmc[0]),
-                "mAP": mAP,
-                "mINP": mINP,
-                "features_mib": features_mib,
-                "peak_extra_mib": peak_extra / 1024,
-                "maxrss_before_mib": maxrss_before / 1024,
-                "maxrss_after_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                "method": method,
-                "slice": n,
-                "slice_dist_s": t_dist,
-                "slice_naive_s": t_naive,
-                "slice_ours_s": t_ours,
-                "slice_check": _identical(ours, naive),
-                "threads": torch.get_num_threads(),
-            }
-        )
-    )
+#: how `_measure_peak` measured, in words (its "method" is the key)
+MEMORY_METHODS = {
+    "VmHWM": "VmHWM after resetting it via /proc/self/clear_refs, minus VmRSS before",
+    "ru_maxrss": "ru_maxrss after minus VmRSS before (an upper bound)",
+}
 
 
-def _run_msmt(quick: bool) -> dict:
-    root = Path(__file__).resolve().parents[2]
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
-    code = f"from src.bench.evaluation import _msmt_worker; _msmt_worker({quick!r})"
-    done = subprocess.run(
-        [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"MSMT17-size benchmark subprocess failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-# ------------------------------------------------------------------ re-ranking, subprocesses
 def _measure_peak(fn: Callable[[], _T]) -> tuple[_T, dict]:
-    """Run fn once with peak-RSS accounting as _msmt_worker does: (fn's result, {"seconds",
-    "peak_extra_mib" (kernel peak RSS during fn minus the RSS before), "method"})."""
+    """Run fn once with peak-RSS accounting: (fn's result, {"seconds", "peak_extra_mib"
+    (kernel peak RSS during fn minus the RSS before; VmHWM is reset just before), "method"
+    (a key of MEMORY_METHODS)})."""
     rss_before = _memory_kib("VmRSS")
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -344,6 +279,58 @@ def _measure_peak(fn: Callable[[], _T]) -> tuple[_T, dict]:
     }
 
 
+def _msmt_worker(quick: bool) -> None:
+    """Runs in a fresh interpreter; prints one JSON line with timings and memory."""
+    sizes = QUICK if quick else FULL
+    qf, gf, q_pids, g_pids, q_cams, g_cams = _planted(
+        sizes.msmt_q, sizes.msmt_g, sizes.msmt_ids, 0, 15, sizes.dim, MSMT_NOISE, seed=7
+    )
+    labels = (q_pids, g_pids, q_cams, g_cams)
+    features_mib = (qf.numel() + gf.numel()) * 4 / 2**20
+    maxrss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    (cmc, mAP, mINP), peak = _measure_peak(lambda: _quiet(evaluate_features, qf, gf, *labels))
+
+    # The naive protocol on a slice of the queries (the full matrix would need ~11.5 GB).
+    n = sizes.msmt_slice
+    sl = (q_pids[:n], g_pids, q_cams[:n], g_cams)
+    t0 = time.perf_counter()
+    dist = compute_distance_matrix(qf[:n], gf).numpy()
+    t_dist = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    naive = naive_evaluate(dist, *sl)
+    t_naive = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ours = _quiet(evaluate_rank, dist, *sl)
+    t_ours = time.perf_counter() - t0
+    print(
+        json.dumps(
+            {
+                "seconds": peak["seconds"],
+                "rank1": float(cmc[0]),
+                "mAP": mAP,
+                "mINP": mINP,
+                "features_mib": features_mib,
+                "peak_extra_mib": peak["peak_extra_mib"],
+                "maxrss_before_mib": maxrss_before / 1024,
+                "maxrss_after_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "method": MEMORY_METHODS[peak["method"]],
+                "slice": n,
+                "slice_dist_s": t_dist,
+                "slice_naive_s": t_naive,
+                "slice_ours_s": t_ours,
+                "slice_check": _identical(ours, naive),
+                "threads": torch.get_num_threads(),
+            }
+        )
+    )
+
+
+def _run_msmt(quick: bool) -> dict:
+    code = f"from src.bench.evaluation import _msmt_worker; _msmt_worker({quick!r})"
+    return _run_worker(code, "MSMT17-size")
+
+
+# ------------------------------------------------------------------ re-ranking, subprocesses
 def _measure(fn: Callable[[], tuple]) -> dict:
     """`_measure_peak` of an evaluation returning (cmc, mAP, mINP); timings, memory, metrics."""
     (cmc, mAP, mINP), out = _measure_peak(fn)
