@@ -10,7 +10,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -111,7 +110,7 @@ def test_lines_mode_logs_the_run_at_the_logging_cadence(
             assert float(m.group(6)) == pytest.approx(logged[step - 1], abs=6e-5)
             compared += 1
     assert compared >= 2
-    val = [m for m in messages if m.startswith("[rank: 0] val after epoch") or "val after" in m]
+    val = [m for m in messages if "val after epoch" in m]
     assert len(val) == 2
     assert f"mAP {100 * metrics['val/mAP']:.1f}%" in val[-1]
     assert any("training done" in m for m in messages)
@@ -166,7 +165,6 @@ def test_cli_console_is_short_and_the_whole_tree_is_saved(tiny_data_root, tmp_pa
     out = tmp_path / "run"
     args = [a for a in tiny_overrides(tiny_data_root) if a != "extras.print_config=false"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
-    start = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-m", "src.train", *args, "trainer.max_epochs=1",
          f"paths.output_dir={out}", f"hydra.run.dir={out}"],
@@ -183,7 +181,6 @@ def test_cli_console_is_short_and_the_whole_tree_is_saved(tiny_data_root, tmp_pa
     assert "Test metric" not in console  # Lightning's duplicate of the results table
     assert "Tip:" not in console and "LeafSpec" not in console
     assert (out / "train.log").read_text().count("step ") >= 1  # the lines land in train.log too
-    assert time.perf_counter() - start < 600
 
 
 def test_eval_summary_does_not_show_the_composed_defaults(make_cfg):
