@@ -52,6 +52,25 @@ def test_batched_equals_per_sample_pipeline(setting):
         assert (torch.stack([d.params for d in drawn])[:, 5] > 0).all()
 
 
+def test_a_cached_array_gives_the_pil_images_draw_and_a_wrong_one_is_named():
+    """A cached image arrives as its resized (H, W, 3) uint8 array: the same sample as from the
+    PIL image of the same pixels; an array of another size or dtype is an error."""
+    params = TrainAugmentParams(16, 8, (0.5,) * 3, (0.25,) * 3)
+    pixels = np.random.default_rng(0).integers(0, 256, (16, 8, 3), dtype=np.uint8)
+    pixels.flags.writeable = False  # as DecodedImageCache.get_array hands it over
+    with torch.random.fork_rng():
+        torch.manual_seed(5)
+        from_array = params(pixels)
+    with torch.random.fork_rng():
+        torch.manual_seed(5)
+        from_pil = params(Image.fromarray(pixels))
+    assert all(torch.equal(a, b) for a, b in zip(from_array, from_pil, strict=True))
+    with pytest.raises(ValueError, match=r"\(16, 8, 3\) uint8, got uint8 \(8, 16, 3\)"):
+        params(np.zeros((8, 16, 3), np.uint8))
+    with pytest.raises(ValueError, match="got float32"):
+        params(np.zeros((16, 8, 3), np.float32))
+
+
 def test_augment_batch_walks_nested_batches_and_leaves_others():
     params = TrainAugmentParams(16, 8, (0.5,) * 3, (0.25,) * 3)
     drawn = [params(img) for img in _images(4)]

@@ -85,6 +85,12 @@ def test_cache_gives_the_file_outputs_and_decodes_once(tiny_data_root, monkeypat
     monkeypatch.setattr(module, "read_image", no_decode)
     for i in range(len(records)):
         cached[i]  # from memory only
+    # the array read (batch-wise augmentation) is the same pixels, read-only: the shared slot
+    # cannot be written through it
+    array = cache.get_array(0, records[0].img_path)
+    assert np.array_equal(array, np.asarray(cache.get(0, records[0].img_path)))
+    with pytest.raises(ValueError, match="read-only"):
+        array[0, 0, 0] = 1
 
 
 def test_cache_is_shared_by_forked_workers(tiny_data_root):
